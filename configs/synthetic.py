@@ -1,0 +1,161 @@
+r"""The embedded default experiment: FaceBehaviorNet (small_cnn) on a mixture of synthetic faces.
+
+Six synthetic "datasets" imitate the real ones: each labels only some of the tasks and AUs, and
+each looks different (nuisance levels, video-like clips). Their test splits are fully labelled.
+
+Run (this is also what `fbnet train` with no flags runs):
+  fbnet train --config configs/synthetic.py --workdir runs/synthetic
+Variants (`--config configs/synthetic.py:VARIANT`):
+  ""      the demo: about 5 minutes on 2 CPU cores.
+  "tiny"  a few steps on 32x32 images, for tests.
+"""
+
+import ml_collections
+
+from fbnet_jax import taxonomy
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def _style(**levels):
+    """Nuisance levels of a synthetic source (1 = the generator's default strength, 0 = off)."""
+    style = dict(identity=1.0, pose=1.0, clutter=1.0, lighting=1.0, blur=1.0, noise=1.0, jpeg=1.0,
+                 occlusion=1.0)
+    style.update(levels)
+    return ConfigDict(style)
+
+
+def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, aus,
+                      video_frames=0, compound=False, style=None, test_size=400,
+                      validation_size=200):
+    """One synthetic dataset of the mixture.
+
+    Args mirror the fields below; `aus` is the tuple of AU numbers the train split labels
+    (None: all of the AU list, (): none).
+    """
+    return ConfigDict(dict(
+        kind="synthetic",          # source type: data_pipelines.pipeline.build_source dispatches on it
+        weight=weight,             # mixture weight of this source in training batches
+        validation_size=validation_size,  # examples of the (fully labelled) validation split
+        test_size=test_size,       # examples of the (fully labelled) test split
+        synthetic=ConfigDict(dict(
+            num_records=num_records,   # size of the train split (it is repeated with reshuffling)
+            seed=seed,                 # generator seed; splits draw independent streams from it
+            image_size=image_size,     # rendered size, H = W
+            label_expression=expression,   # train split publishes expression labels
+            label_va=va,                   # train split publishes valence/arousal
+            label_aus=aus,                 # AU numbers the train split publishes
+            compound=compound,             # draw RAF-DB compound classes instead of basic ones
+            video_frames=video_frames,     # > 0: runs of this many records are frames of one clip
+            style=style or _style(),       # nuisance levels
+        )),
+    ))
+
+
+def get_config(arg: str = ""):
+    """Returns the config; `arg` picks the variant ("" or "tiny")."""
+    if arg not in ("", "tiny"):
+        raise ValueError(f"unknown variant {arg!r} of configs/synthetic.py; use '' or 'tiny'")
+    tiny = arg == "tiny"
+    config = ConfigDict()
+    config.name = "synthetic_tiny" if tiny else "synthetic"  # names the default run folder
+    config.seed = 0  # seeds parameter init, dropout and the data order
+
+    data = config.data = ConfigDict()
+    # One reference, so `--config.data.image_size=N` changes the model input and every source.
+    image_size = ml_collections.FieldReference(32 if tiny else 64)
+    data.image_size = image_size       # model input H = W; images are resized to it
+    data.aus = taxonomy.AUS            # the AU list: the AU head's outputs, in this order
+    data.global_batch_size = 16 if tiny else 64   # train batch summed over all processes
+    data.eval_batch_size = 32 if tiny else 256    # global evaluation batch
+    data.num_workers = 0 if tiny else 2   # grain worker processes for the train iterator
+    data.worker_buffer_size = 4           # batches each worker prepares ahead
+    data.read_threads = 1                 # grain read threads (per worker)
+    data.prefetch_buffer_size = 8         # grain prefetch buffer (examples)
+    data.validate_records = False         # check every record against the schema (slower)
+    data.augment = ConfigDict(dict(
+        flip=0.5,          # probability of a horizontal flip
+        max_shift=0.06,    # largest random shift, as a fraction of the image side
+        max_scale=0.08,    # largest random zoom in or out, as a fraction
+        brightness=0.15,   # largest brightness change, as a fraction of the range
+        contrast=0.15,     # largest contrast change, as a fraction
+    ))
+    n = 400 if tiny else 30_000
+    test_size = 24 if tiny else 400
+    validation_size = 16 if tiny else 200
+    common = dict(image_size=image_size, test_size=test_size, validation_size=validation_size)
+    data.sources = ConfigDict()
+    # Expressions and VA, in-the-wild look (like AffectNet).
+    data.sources.affectnet_like = _synthetic_source(
+        weight=0.2, seed=11, num_records=n, expression=True, va=True, aus=(), **common)
+    # Expressions only, cleaner aligned faces (like RAF-DB basic).
+    data.sources.rafdb_like = _synthetic_source(
+        weight=0.15, seed=12, num_records=n, expression=True, va=False, aus=(),
+        style=_style(pose=0.5, clutter=0.5), **common)
+    if not tiny:
+        # EmotioNet's 11 AUs, varied images.
+        data.sources.emotionet_like = _synthetic_source(
+            weight=0.15, seed=13, num_records=n, expression=False, va=False,
+            aus=taxonomy.DATASET_AUS["emotionet"], **common)
+        # DISFA's 12 AUs, lab recordings: little clutter, frontal.
+        data.sources.disfa_like = _synthetic_source(
+            weight=0.1, seed=14, num_records=n, expression=False, va=False,
+            aus=taxonomy.DATASET_AUS["disfa"], video_frames=40,
+            style=_style(pose=0.3, clutter=0.0, occlusion=0.0), **common)
+        # BP4D's 12 AUs (the only source of AU14 labels), lab recordings.
+        data.sources.bp4d_like = _synthetic_source(
+            weight=0.1, seed=15, num_records=n, expression=False, va=False,
+            aus=taxonomy.DATASET_AUS["bp4d"], video_frames=40,
+            style=_style(pose=0.3, clutter=0.2, occlusion=0.0), **common)
+    # Video-like set with VA, expressions and Aff-Wild2's 12 AUs.
+    data.sources.affwild2_like = _synthetic_source(
+        weight=0.3 if not tiny else 0.5, seed=16, num_records=n, expression=True, va=True,
+        aus=(taxonomy.DATASET_AUS["affwild2"] if not tiny else None), video_frames=50, **common)
+
+    config.model = ConfigDict(dict(
+        backbone="small_cnn",   # small_cnn | vgg_face
+        num_expressions=len(taxonomy.EXPRESSIONS),  # size of the expression head
+        dtype="float32",        # backbone computation dtype (bfloat16 on accelerators)
+        backbones=ConfigDict(dict(   # settings of each backbone; only the chosen one is used
+            small_cnn=ConfigDict(dict(
+                widths=(8, 16) if tiny else (16, 32, 64, 128),  # channels per conv stage
+                features=32 if tiny else 256,   # feature layer size D
+                dropout=0.0 if tiny else 0.1,   # dropout on the features
+            )),
+            vgg_face=ConfigDict(dict(
+                fc=4096,        # width of fc6 and fc7
+                dropout=0.5,    # dropout after fc6 and fc7
+            )),
+        )),
+    ))
+
+    config.loss = ConfigDict(dict(
+        weights=ConfigDict(dict(   # lambda of each term of the total loss (paper: all 1)
+            expression=1.0, au=1.0, va=1.0)),
+    ))
+
+    config.optimizer = ConfigDict(dict(
+        name="adamw",            # adamw | sgd
+        learning_rate=2e-3,      # peak learning rate
+        warmup_steps=2 if tiny else 100,   # linear warm-up from 0
+        schedule="cosine",       # cosine | constant (after warm-up)
+        end_learning_rate_factor=0.02,     # cosine ends at this fraction of the peak
+        weight_decay=1e-4,       # decoupled weight decay (adamw), L2 (sgd)
+        momentum=0.9,            # sgd momentum; adamw's b1
+        grad_clip_norm=1.0,      # clip the global gradient norm; 0 = off
+    ))
+
+    config.train = ConfigDict(dict(
+        num_steps=4 if tiny else 2000,   # optimizer steps
+        log_every=2 if tiny else 50,     # steps between console/TensorBoard lines
+        eval_every=2 if tiny else 500,   # steps between validation evaluations; 0 = end only
+        checkpoint_every=4 if tiny else 500,   # steps between checkpoints (and at the end)
+        stop_after_steps=0,   # stop this invocation after N steps (checkpointed; for job slots)
+        max_checkpoints_to_keep=2,       # latest checkpoints kept
+        best_metric="validation/expression_accuracy",   # also keep the best checkpoint by it
+        best_mode="max",                 # max | min
+        eval_split="validation",         # split of the periodic evaluations
+        test_split="test",               # split of the final evaluation (metrics.json)
+    ))
+    config.lock()
+    return config

@@ -1,0 +1,124 @@
+"""Evaluation: every example of a split once, exact metrics per source and for the mixture.
+
+`evaluate` runs inside training (periodic validation, final test); `evaluate_workdir` re-evaluates
+the latest checkpoint of a finished or interrupted run from its saved config (`fbnet eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from data_pipelines import pipeline
+from fbnet_jax import checkpointing, metrics, parallel
+from fbnet_jax import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# Columns of the printed table: (metric key suffix, header).
+TABLE_COLUMNS = (
+    ("expression_accuracy", "expr acc"), ("expression_macro_f1", "expr F1"),
+    ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
+    ("va_ccc_valence", "CCC V"), ("va_ccc_arousal", "CCC A"), ("va_mean_ccc", "CCC mean"),
+)
+OUTPUT_KEYS = ("expression_logits", "au_logits", "va")
+
+
+def make_predict_fn(model):
+    """A jitted `(state, image) -> outputs` with the network in inference mode."""
+    def predict(state, image):
+        outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
+                              train=False)
+        return {k: outputs[k] for k in OUTPUT_KEYS}
+    return jax.jit(predict)
+
+
+def evaluate(model, state, config, split: str, mesh, *, predict_fn=None) -> dict[str, float]:
+    """Metrics of `state` on every example of `split` of every configured source.
+
+    Returns:
+      A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
+      each source (keys as in fbnet_jax.metrics.evaluate_arrays).
+    """
+    predict_fn = predict_fn or make_predict_fn(model)
+    outputs, labels = [], []
+    batches = pipeline.build_eval_batches(config, split=split)
+    for local_batch in tqdm.tqdm(batches, desc=f"eval {split}", unit="batch", leave=False,
+                                 disable=None if jax.process_index() == 0 else True):
+        batch = parallel.global_batch(local_batch, mesh)
+        outputs.append(parallel.to_host(predict_fn(state, batch["image"])))
+        labels.append(parallel.to_host({k: v for k, v in batch.items() if k != "image"}))
+    if not outputs:
+        raise ValueError(f"split {split!r} has no examples in any source")
+    outputs = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    labels = {k: np.concatenate([b[k] for b in labels]) for k in labels[0]}
+    return metrics.evaluate_arrays(outputs, labels, pipeline.source_names(config.data),
+                                   aus=config.data.aus, prefix=split)
+
+
+def _rows(results: dict[str, float], split: str) -> list[tuple[str, str]]:
+    """(row name, key prefix) for the whole split and each source present in `results`."""
+    rows = [("all", f"{split}/")]
+    sources = sorted({k.split("/")[1] for k in results
+                      if k.startswith(f"{split}/") and k.count("/") >= 2
+                      and any(k.endswith("/" + c) for c, _ in TABLE_COLUMNS)})
+    return rows + [(s, f"{split}/{s}/") for s in sources]
+
+
+def format_table(results: dict[str, float], split: str) -> str:
+    """A fixed-width table: one row for the whole split, one per source; '-' where unlabelled."""
+    rows = _rows(results, split)
+    name_width = max(len(name) for name, _ in rows)
+    header = " | ".join([f"{'source':<{name_width}}"] + [f"{h:>8}" for _, h in TABLE_COLUMNS])
+    lines = [header, "-" * len(header)]
+    for name, prefix in rows:
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            value = results.get(prefix + key)
+            cells.append(f"{value:8.4f}" if value is not None else f"{'-':>8}")
+        lines.append(" | ".join([f"{name:<{name_width}}"] + cells))
+    return "\n".join(lines)
+
+
+def format_summary(results: dict[str, float], split: str) -> str:
+    """One line with the headline metrics of the whole split."""
+    parts = [f"{header} {results[f'{split}/{key}']:.4f}" for key, header in TABLE_COLUMNS
+             if f"{split}/{key}" in results]
+    return f"{split}: " + ", ".join(parts)
+
+
+def evaluate_workdir(workdir: str | Path, split: str | None = None,
+                     step: int | None = None) -> dict[str, Any]:
+    """Re-evaluates a checkpoint of the run in `workdir` (default: the latest).
+
+    Writes `workdir/eval/{split}_step{N}.json`, prints the table, and returns the metrics.
+    """
+    workdir = Path(workdir)
+    config = checkpointing.load_config(workdir)
+    split = split or config.train.test_split
+    mesh = parallel.create_mesh()
+    model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        restored = checkpointing.restore(manager, abstract, step=step)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir / checkpointing.CHECKPOINT_DIR}: no checkpoint to "
+                                f"evaluate")
+    state, step = restored
+    results = evaluate(model, state, config, split, mesh)
+    results["step"] = float(step)
+    if jax.process_index() == 0:
+        out = workdir / "eval" / f"{split}_step{step}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        log.info("checkpoint of step %d on %r:\n%s", step, split, format_table(results, split))
+        log.info("metrics written to %s", out.absolute())
+    return results

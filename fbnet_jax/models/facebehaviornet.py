@@ -1,0 +1,60 @@
+"""FaceBehaviorNet: one backbone, three heads (expressions, action units, valence-arousal)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fbnet_jax.models import backbones
+
+BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace}
+
+
+class FaceBehaviorNet(nn.Module):
+    """Maps image [B, H, W, 3] (pixels scaled to [-1, 1]) to the outputs of DESIGN section 4.
+
+    Returns a dict: `expression_logits` [B, num_expressions], `au_logits` [B, num_aus],
+    `va` [B, 2] in (-1, 1) (tanh) and `features` [B, D]. Heads compute in float32 whatever the
+    backbone dtype, so the losses never see reduced precision.
+
+    Attributes:
+      backbone: a key of BACKBONES.
+      backbone_kwargs: keyword arguments of the backbone module (widths, dropout, ...).
+      num_expressions: size of the expression head.
+      num_aus: size of the AU head.
+      dtype: computation dtype of the backbone.
+    """
+    backbone: str = "small_cnn"
+    backbone_kwargs: Mapping[str, Any] | None = None
+    num_expressions: int = 7
+    num_aus: int = 17
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image, *, train: bool = False):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
+        kwargs = dict(self.backbone_kwargs or {})
+        features = BACKBONES[self.backbone](dtype=self.dtype, name="backbone", **kwargs)(
+            image, train=train)
+        features = features.astype(jnp.float32)
+        return {
+            "expression_logits": nn.Dense(self.num_expressions, name="expression_head")(features),
+            "au_logits": nn.Dense(self.num_aus, name="au_head")(features),
+            "va": jnp.tanh(nn.Dense(2, name="va_head")(features)),
+            "features": features,
+        }
+
+
+def create_model(model_config, num_aus: int) -> FaceBehaviorNet:
+    """Builds the model from `config.model` (backbone name, its settings, dtype)."""
+    return FaceBehaviorNet(
+        backbone=model_config.backbone,
+        backbone_kwargs=dict(model_config.backbones[model_config.backbone]),
+        num_expressions=model_config.num_expressions,
+        num_aus=num_aus,
+        dtype=jnp.dtype(model_config.dtype),
+    )

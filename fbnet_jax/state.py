@@ -1,0 +1,84 @@
+"""The train state and how a config creates it (shared by training and evaluation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fbnet_jax import models, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed whole)."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_optimizer(opt_config: ml_collections.ConfigDict,
+                     num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and learning-rate schedule of `config.optimizer`."""
+    warmup = min(opt_config.warmup_steps, num_steps)
+    if opt_config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, opt_config.learning_rate, warmup_steps=warmup, decay_steps=max(num_steps, 1),
+            end_value=opt_config.learning_rate * opt_config.end_learning_rate_factor)
+    elif opt_config.schedule == "constant":
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, opt_config.learning_rate, max(warmup, 1)),
+             optax.constant_schedule(opt_config.learning_rate)], [warmup])
+    else:
+        raise ValueError(f"unknown schedule {opt_config.schedule!r}; use 'cosine' or 'constant'")
+    if opt_config.name == "adamw":
+        tx = optax.adamw(schedule, b1=opt_config.momentum, weight_decay=opt_config.weight_decay)
+    elif opt_config.name == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(opt_config.weight_decay),
+                         optax.sgd(schedule, momentum=opt_config.momentum))
+    else:
+        raise ValueError(f"unknown optimizer {opt_config.name!r}; use 'adamw' or 'sgd'")
+    if opt_config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
+    return tx, schedule
+
+
+def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+               image_size: int) -> TrainState:
+    """A fresh state: parameters and BatchNorm statistics from `model.init` on a dummy image."""
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=train_rng)
+
+
+def model_for(config: ml_collections.ConfigDict):
+    """The FaceBehaviorNet a config describes."""
+    return models.create_model(config.model, num_aus=len(config.data.aus))
+
+
+def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False):
+    """The initial train state placed replicated on the mesh (or only its shapes).
+
+    Returns:
+      (model, tx, schedule, state) where state is a TrainState of arrays, or of
+      `jax.ShapeDtypeStruct` with shardings when `abstract` (a restore target).
+    """
+    model = model_for(config)
+    tx, schedule = create_optimizer(config.optimizer, config.train.num_steps)
+    init = jax.jit(lambda rng: init_state(model, tx, rng, config.data.image_size),
+                   out_shardings=parallel.replicated(mesh))
+    rng = jax.random.PRNGKey(config.seed)
+    state = jax.eval_shape(init, rng) if abstract else init(rng)
+    if abstract:
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=parallel.replicated(mesh)), state)
+    return model, tx, schedule, state

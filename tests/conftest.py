@@ -1,0 +1,43 @@
+"""Shared test setup."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):  # pylint: disable=unused-argument
+    # grain's worker processes read absl flags; tests do not run under absl.app.run.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def load_config(name: str = "synthetic.py", arg: str = ""):
+    """`configs/<name>`'s get_config(arg), loaded from its file as `fbnet --config` does."""
+    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_config():
+    """The tiny synthetic config (a few steps on 32x32 images); locked, values settable."""
+    return load_config("synthetic.py", "tiny")
+
+
+def run_isolated(code: str, *, devices: int = 1, timeout: int = 300, cwd=None):
+    """Runs python code in a fresh interpreter with `devices` fake CPU devices; returns stdout."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd or REPO,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout

@@ -1,0 +1,150 @@
+"""Training: one step, a whole tiny run with its artefacts, resume, divergence, devices."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_isolated
+from data_pipelines import pipeline
+from fbnet_jax import checkpointing, evaluate, parallel, train
+from fbnet_jax import state as state_lib
+
+
+def _first_batch(config):
+    iterator = pipeline.build_train_iterator(config)
+    try:
+        return next(iterator)
+    finally:
+        pipeline.close_iterator(iterator)
+
+
+def test_one_train_step_changes_params_and_reports_losses(tiny_config):
+    tiny_config.optimizer.warmup_steps = 0  # the warm-up starts at learning rate 0
+    mesh = parallel.create_mesh()
+    model, tx, _, state = state_lib.create_state(tiny_config, mesh)
+    step_fn = jax.jit(train.make_train_step(model, tx, tiny_config.loss.weights))
+    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    new_state, metrics = step_fn(state, batch)
+    assert int(new_state.step) == 1
+    assert set(metrics) == {"loss/expression", "loss/au", "loss/va", "loss/total", "grad_norm"}
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    # The tiny mixture labels every task, so every task loss is positive at initialisation.
+    assert all(float(metrics[k]) > 0 for k in ("loss/expression", "loss/au", "loss/va"))
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                           state.params, new_state.params)
+    assert all(jax.tree.leaves(changed))
+    # BatchNorm statistics are updated by the step too.
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                            state.batch_stats, new_state.batch_stats)))
+
+
+def test_tiny_run_leaves_artefacts_and_eval_reproduces_them(tiny_config, tmp_path):
+    results = train.train_and_evaluate(tiny_config, tmp_path)
+    for key in ("test/expression_accuracy", "test/au_mean_f1", "test/va_mean_ccc"):
+        assert key in results and math.isfinite(results[key])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(results)
+    assert checkpointing.load_config(tmp_path).train.num_steps == tiny_config.train.num_steps
+    manager = checkpointing.create_manager(tmp_path, read_only=True)
+    assert manager.latest_step() == tiny_config.train.num_steps
+    manager.close()
+    # TensorBoard event files hold the training losses and the evaluations.
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "steps_per_second", "test/expression_accuracy",
+            "validation/expression_accuracy"} <= tags
+    # `fbnet eval` re-evaluates the latest checkpoint: the same numbers as the run's own.
+    again = evaluate.evaluate_workdir(tmp_path)
+    assert again == pytest.approx(results)
+    assert (tmp_path / "eval" / f"test_step{tiny_config.train.num_steps}.json").exists()
+
+
+def _restored_params(workdir, config):
+    mesh = parallel.create_mesh()
+    _, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    state, step = checkpointing.restore(manager, abstract)
+    manager.close()
+    return state, step
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    # A mixture with augmentation, dropout and shuffling: everything random must be restored.
+    tiny_config.train.num_steps = 6
+    tiny_config.train.eval_every = 0
+    tiny_config.train.checkpoint_every = 100
+    tiny_config.model.backbones.small_cnn.dropout = 0.2
+    train.train_and_evaluate(tiny_config, tmp_path / "straight")
+
+    tiny_config.train.stop_after_steps = 3
+    assert train.train_and_evaluate(tiny_config, tmp_path / "resumed") == {}
+    _, step = _restored_params(tmp_path / "resumed", tiny_config)
+    assert step == 3
+    train.train_and_evaluate(tiny_config, tmp_path / "resumed")  # 3 more steps, then stops
+
+    straight, step_a = _restored_params(tmp_path / "straight", tiny_config)
+    resumed, step_b = _restored_params(tmp_path / "resumed", tiny_config)
+    assert step_a == step_b == 6
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tiny_config, tmp_path):
+    tiny_config.train.num_steps = 8
+    tiny_config.train.eval_every = 0
+    tiny_config.train.checkpoint_every = 2
+    tiny_config.train.log_every = 1
+    tiny_config.optimizer.name = "sgd"
+    tiny_config.optimizer.grad_clip_norm = 0.0
+    tiny_config.optimizer.warmup_steps = 0
+    tiny_config.optimizer.schedule = "constant"
+    tiny_config.optimizer.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    manager = checkpointing.create_manager(tmp_path, read_only=True)
+    steps = manager.all_steps()
+    manager.close()
+    assert not (tmp_path / "metrics.json").exists()
+    if steps:  # whatever was saved holds finite parameters
+        state, _ = _restored_params(tmp_path, tiny_config)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+_DEVICES_CODE = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from conftest import load_config
+from data_pipelines import pipeline
+from fbnet_jax import parallel, train
+from fbnet_jax import state as state_lib
+
+config = load_config("synthetic.py", "tiny")
+iterator = pipeline.build_train_iterator(config)
+local = next(iterator)
+pipeline.close_iterator(iterator)
+out = {}
+for n in (1, 8):
+    mesh = parallel.create_mesh(jax.devices()[:n])
+    model, tx, _, state = state_lib.create_state(config, mesh)
+    step = jax.jit(train.make_train_step(model, tx, config.loss.weights))
+    new_state, metrics = step(state, parallel.global_batch(local, mesh))
+    assert new_state.params["expression_head"]["kernel"].sharding.is_fully_replicated
+    out[n] = {"metrics": {k: float(v) for k, v in metrics.items()},
+              "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new_state.params)]}
+print(json.dumps(out))
+"""
+
+
+def test_same_loss_and_update_on_1_and_8_devices():
+    out = json.loads(run_isolated(_DEVICES_CODE, devices=8).strip().splitlines()[-1])
+    one, eight = out["1"], out["8"]
+    for key, value in one["metrics"].items():
+        assert eight["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for a, b in zip(one["params"], eight["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
