@@ -1,0 +1,343 @@
+"""The mixture: sources -> shuffle/repeat -> mix(weights) -> transforms -> batch -> prefetch.
+
+Training (`build_train_iterator`) draws an endless, seeded, checkpointable stream of per-process
+batches from a weighted mixture of sources. Evaluation (`build_eval_batches`) visits every example
+of every source's evaluation split exactly once, padding so that no example is dropped and every
+process runs the same number of steps.
+
+The `source` index of an example is the position of its source in `source_names(config.data)`.
+
+Closing: a train iterator with `config.data.num_workers > 0` owns worker processes and shared
+memory. Close it when done, with `close_iterator(it)` in a `finally:` or with
+`with contextlib.closing(build_train_iterator(config)) as it:`; closing twice is harmless.
+(grain 0.2.18 iterators have `close()` but are not context managers.)
+Evaluation batches need no closing: their grain iterator is closed when the loop over them ends
+or the generator is discarded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from data_pipelines import schema
+from data_pipelines import transforms
+from fbnet_jax import taxonomy
+
+# The source kinds `build_source` knows; real dataset formats join this tuple as they arrive.
+SOURCE_KINDS = ("synthetic",)
+
+
+def source_names(data_config: ml_collections.ConfigDict) -> list[str]:
+    """The names of the mixture's sources; position = the `source` index of their examples.
+
+    This is the order in which `data_config.sources` iterates: alphabetical for a ConfigDict
+    built with the default `sort_keys=True`, insertion order for `sort_keys=False`.
+    """
+    return list(data_config.sources.keys())
+
+
+def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: str,
+                 aus: Sequence[int], source_index: int) -> grain.sources.RandomAccessDataSource:
+    """Builds one dataset of the mixture from its config entry.
+
+    Args:
+      name: the source's key in `config.data.sources` (used in keys and messages).
+      source_config: its entry; `kind` picks the format, the other fields are kind-specific.
+      split: "train", or an evaluation split such as "test".
+      aus: the configured AU list; every record's `au` follows it.
+      source_index: the value written into each record's `source`.
+
+    Returns:
+      A random-access source of schema records.
+
+    Raises:
+      ValueError: for an unknown `kind`, or a split the source does not have.
+    """
+    kind = source_config.kind
+    if kind == "synthetic":
+        return _synthetic_source(name, source_config, split=split, aus=aus,
+                                 source_index=source_index)
+    raise ValueError(f"source {name!r} has unknown kind {kind!r}; known kinds: {SOURCE_KINDS}")
+
+
+def _synthetic_source(name, source_config, *, split, aus, source_index):
+    num_records = _split_size(name, source_config, split)
+    # Imported here so that the pipeline (and every other kind) works without the generator.
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+
+    fields = source_config.synthetic.to_dict()
+    style = synthetic.Style(**fields.pop("style", {}))
+    if fields.get("label_aus") is not None:
+        fields["label_aus"] = tuple(fields["label_aus"])
+    spec = synthetic.SyntheticSpec(**fields, style=style)
+    return synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=tuple(aus),
+                                    source_index=source_index, name=name)
+
+
+def _split_size(name: str, source_config: ml_collections.ConfigDict, split: str) -> int | None:
+    """Size of a generated split: None (the spec's own) for "train", else `<split>_size`."""
+    if split == "train":
+        return None
+    field = f"{split}_size"
+    if field not in source_config:
+        raise ValueError(f"source {name!r} has no split {split!r}: its config has no {field!r}")
+    return int(source_config[field])
+
+
+def _process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fills in the JAX process index/count where not given, and checks them."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top  # only the defaults need JAX
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                         f"{process_index}, process_count={process_count}")
+    return int(process_index), int(process_count)
+
+
+def _per_process_batch(global_batch: int, process_count: int, what: str) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(f"{what} ({global_batch}) must be a positive multiple of the process "
+                         f"count ({process_count})")
+    return global_batch // process_count
+
+
+def mixture_weights(data_config: ml_collections.ConfigDict) -> np.ndarray:
+    """The sources' weights, normalised to sum 1, in `source_names` order.
+
+    Raises:
+      ValueError: for a negative or non-finite weight, or when all weights are 0.
+    """
+    names = source_names(data_config)
+    if not names:
+        raise ValueError("config.data.sources is empty: the mixture needs at least one source")
+    weights = np.array([float(data_config.sources[n].weight) for n in names], np.float64)
+    bad = {n: w for n, w in zip(names, weights.tolist()) if not (np.isfinite(w) and w >= 0)}
+    if bad:
+        raise ValueError(f"source weights must be finite and >= 0, got {bad}")
+    if weights.sum() <= 0:
+        raise ValueError(f"all source weights are 0: {dict(zip(names, weights.tolist()))}")
+    return weights / weights.sum()
+
+
+def _prepare(ds: grain.MapDataset, data_config: ml_collections.ConfigDict,
+             aus: Sequence[int]) -> grain.MapDataset:
+    """Decode and resize, plus schema checks when `validate_records` is set."""
+    ds = ds.map(transforms.DecodeImage()).map(transforms.ResizeImage(data_config.image_size))
+    if data_config.validate_records:
+        ds = ds.map(transforms.ValidateRecord(len(aus)))
+    return ds
+
+
+def _finish(ds: grain.MapDataset) -> grain.MapDataset:
+    return ds.map(transforms.Normalize()).map(transforms.ToMasks())
+
+
+def _augment(augment_config: ml_collections.ConfigDict) -> transforms.RandomAugment:
+    return transforms.RandomAugment(
+        flip=augment_config.flip, max_shift=augment_config.max_shift,
+        max_scale=augment_config.max_scale, brightness=augment_config.brightness,
+        contrast=augment_config.contrast)
+
+
+def _augment_seed(seed: int, process_index: int) -> int:
+    # random_map seeds each element from (seed, index in the mixed dataset); folding in the
+    # process keeps the same index on two hosts from getting the same jitter.
+    return int(np.random.SeedSequence([seed, process_index, 0xA06]).generate_state(1)[0])
+
+
+def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.DatasetIterator:
+    """An endless iterator of this process's training batches from the weighted mixture.
+
+    Each process reads its own shard (`[process_index::process_count]`) of every source, shuffled
+    with a new order each epoch. Batches are dicts of numpy arrays: `image` float32 [b, H, W, 3],
+    the fields of `schema.BATCH_LABEL_FIELDS`, and `key` (str [b]), with
+    b = global_batch_size // process_count.
+
+    The iterator's position is checkpointable: `get_state()`/`set_state()`, or orbax with
+    `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`. A fresh iterator built from
+    the same config and restored continues with exactly the batches the saved one would have
+    produced. Close it when done (see the module docstring).
+
+    Batching happens before `to_iter_dataset`, so `read_threads` threads (in each worker, when
+    `num_workers > 0`) each build whole batches, and `prefetch_buffer_size` and
+    `worker_buffer_size` count batches, not examples.
+
+    Args:
+      config: the experiment config (`seed` and `data` are read).
+      process_index: this process's shard; default `jax.process_index()`.
+      process_count: number of shards; default `jax.process_count()`.
+
+    Returns:
+      A grain DatasetIterator.
+
+    Raises:
+      ValueError: for bad weights, a batch size that does not split over the processes, an
+        unknown source kind, or a source with fewer examples than processes.
+    """
+    data = config.data
+    process_index, process_count = _process_shard(process_index, process_count)
+    batch_size = _per_process_batch(data.global_batch_size, process_count,
+                                    "config.data.global_batch_size")
+    aus = taxonomy.check_au_list(data.aus)
+    weights = mixture_weights(data)
+    datasets, mix_weights = [], []
+    for k, name in enumerate(source_names(data)):
+        if weights[k] == 0:  # not trained on; still evaluated, and keeps its index
+            continue
+        source = build_source(name, data.sources[name], split="train", aus=aus, source_index=k)
+        shard = grain.MapDataset.source(source)[process_index::process_count]
+        if len(shard) == 0:
+            raise ValueError(f"source {name!r} has {len(source)} training examples, too few to "
+                             f"give each of {process_count} processes one")
+        datasets.append(shard.seed(config.seed + k).shuffle().repeat())
+        mix_weights.append(float(weights[k]))
+    ds = grain.MapDataset.mix(datasets, weights=mix_weights)
+    ds = _prepare(ds, data, aus)
+    ds = ds.random_map(_augment(data.augment), seed=_augment_seed(config.seed, process_index))
+    ds = _finish(ds).batch(batch_size, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
+    if data.num_workers > 0:
+        # grain's worker processes read absl flags; outside absl.app.run they are unparsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+    return iter(iter_ds)
+
+
+def close_iterator(iterator: grain.DatasetIterator) -> None:
+    """Stops a train iterator's worker processes and frees their shared memory; idempotent.
+
+    Batches from worker processes live in shared memory until the last reference to them goes;
+    one still referenced when the interpreter exits makes Python's resource_tracker warn about
+    "leaked shared_memory objects" (and clean them up).
+    """
+    iterator.close()
+
+
+def source_counts(batch: dict[str, Any], num_sources: int) -> np.ndarray:
+    """Examples per source in one batch (real rows only), for mixture logging.
+
+    Sum it over the batches of a run to get the examples seen per source.
+    """
+    sources = np.asarray(batch[schema.SOURCE])
+    if schema.VALID in batch:
+        sources = sources[np.asarray(batch[schema.VALID]) > 0]
+    return np.bincount(sources, minlength=num_sources)[:num_sources]
+
+
+class EvalBatches:
+    """This process's evaluation batches: every example of its shard once, then padding.
+
+    `len()` is the number of batches, the same on every process (the largest shard decides), so
+    a multi-host jit evaluation never waits on a process that has run out. Batches hold the
+    train batch fields plus `valid` (float32 [b], 0 on padding rows). A padding row is all
+    zeros (image, labels, masks, and `source` 0) with key "", so per-source sums must be
+    weighted by `valid`. Iterating again restarts from the first batch.
+
+    Attributes:
+      batch_size: rows per batch (eval_batch_size // process_count).
+      num_examples: real examples this process holds.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, split: str, process_index: int,
+                 process_count: int):
+        data = config.data
+        self.batch_size = _per_process_batch(data.eval_batch_size, process_count,
+                                             "config.data.eval_batch_size")
+        self._data = data
+        self._aus = taxonomy.check_au_list(data.aus)
+        self._shards = []
+        shard_sizes = np.zeros(process_count, np.int64)
+        for k, name in enumerate(source_names(data)):
+            source = build_source(name, data.sources[name], split=split, aus=self._aus,
+                                  source_index=k)
+            # Shard p of a source of n examples holds indices p, p + P, ...: len(range(p, n, P)).
+            shard_sizes += [len(range(p, len(source), process_count))
+                            for p in range(process_count)]
+            shard = grain.MapDataset.source(source)[process_index::process_count]
+            if len(shard):
+                self._shards.append(shard)
+        self.num_examples = int(shard_sizes[process_index])
+        self._num_batches = int(math.ceil(shard_sizes.max() / self.batch_size))
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        emitted = 0
+        padding_row = self._padding_row()
+        if self._shards:
+            ds = _finish(_prepare(grain.MapDataset.concatenate(self._shards), self._data,
+                                  self._aus))
+            ds = ds.batch(self.batch_size, drop_remainder=False)
+            it = iter(ds.to_iter_dataset(grain.ReadOptions(
+                num_threads=self._data.read_threads,
+                prefetch_buffer_size=self._data.prefetch_buffer_size)))
+            try:
+                for batch in it:
+                    yield _pad(batch, padding_row, self.batch_size)
+                    emitted += 1
+            finally:
+                it.close()
+        for _ in range(emitted, self._num_batches):
+            yield _pad(None, padding_row, self.batch_size)
+
+    def _padding_row(self) -> dict[str, Any]:
+        """A masked-out example of the batch's structure: every label absent, image zeros."""
+        size = self._data.image_size
+        record = schema.make_record(np.zeros((size, size, 3), np.uint8), key="",
+                                    num_aus=len(self._aus))
+        row = schema.to_masks(record)
+        row[schema.IMAGE] = np.zeros((size, size, 3), np.float32)
+        return row
+
+
+def _pad(batch: dict[str, Any] | None, padding_row: dict[str, Any],
+         batch_size: int) -> dict[str, Any]:
+    """Adds `valid` and pads `batch` (None: no real rows) to `batch_size` rows."""
+    real = 0 if batch is None else len(batch[schema.SOURCE])
+    missing = batch_size - real
+    if missing == 0:
+        out = dict(batch)  # a full batch needs no copy
+    else:
+        out = {}
+        for field, value in padding_row.items():
+            pad = np.repeat(np.asarray(value)[None], missing, axis=0)
+            out[field] = pad if batch is None else np.concatenate([batch[field], pad])
+    out[schema.VALID] = (np.arange(batch_size) < real).astype(np.float32)
+    return out
+
+
+def build_eval_batches(config: ml_collections.ConfigDict, *, split: str = "test",
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> EvalBatches:
+    """This process's evaluation batches over every source's `split` (no shuffle, no augment).
+
+    Every example of every source is in exactly one batch of exactly one process; each process
+    gets `len()` batches of eval_batch_size // process_count rows, the last ones padded with
+    `valid` = 0 rows. Sources are visited in `source_names` order.
+
+    Args:
+      config: the experiment config (`data` is read).
+      split: the split every source provides for evaluation.
+      process_index: this process's shard; default `jax.process_index()`.
+      process_count: number of shards; default `jax.process_count()`.
+
+    Returns:
+      An iterable of batch dicts with a `len()`.
+    """
+    process_index, process_count = _process_shard(process_index, process_count)
+    return EvalBatches(config, split=split, process_index=process_index,
+                       process_count=process_count)

@@ -1,0 +1,362 @@
+"""The mixture pipeline: proportions, masks, sharding, determinism, resume and evaluation.
+
+Most tests run on `ToySource`, a tiny source defined here whose labels and keys are known, wired
+in as the kind "toy"; one test runs the real synthetic source.
+"""
+
+import contextlib
+
+import cv2
+import grain
+import ml_collections
+import numpy as np
+import pytest
+
+from data_pipelines import pipeline
+from data_pipelines import schema
+from data_pipelines import transforms
+from fbnet_jax import taxonomy
+
+AUS = taxonomy.AUS
+SOURCE_SIZE = 20  # toy images are 20x20, so the pipeline's resize to 16x16 is exercised
+SPLIT_CODES = {"train": 0, "test": 1}
+
+
+class ToySource:
+    """Schema records with known labels; its key `name/split/index` identifies every example.
+
+    Module level, so that grain's spawned worker processes can unpickle it.
+    """
+
+    def __init__(self, name, source_index, num_records, *, split="train", expression=True,
+                 va=True, label_aus=None, encoded=False):
+        self.name, self.source_index, self.num_records = name, source_index, num_records
+        self.split, self.expression, self.va, self.encoded = split, expression, va, encoded
+        labelled = AUS if label_aus is None else label_aus
+        self.au_labelled = np.isin(AUS, labelled)
+
+    def __len__(self):
+        return self.num_records
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.source_index, SPLIT_CODES[self.split], index])
+        image = rng.integers(0, 256, (SOURCE_SIZE, SOURCE_SIZE, 3), dtype=np.uint8)
+        au = np.where(self.au_labelled, index % 2, schema.MISSING_AU)
+        record = schema.make_record(
+            image, key=f"{self.name}/{self.split}/{index:05d}", source=self.source_index,
+            expression=index % 7 if self.expression else None, au=au,
+            va=[(index % 5) / 5, -(index % 3) / 3] if self.va else None)
+        if self.encoded:  # PNG: lossless, so decoded images can be compared exactly
+            del record[schema.IMAGE]
+            record[transforms.IMAGE_BYTES] = cv2.imencode(".png", image[..., ::-1])[1].tobytes()
+        return record
+
+
+@pytest.fixture(autouse=True)
+def toy_kind(monkeypatch):
+    """Makes `pipeline.build_source` build ToySource for sources of kind "toy"."""
+    real = pipeline.build_source
+
+    def build_source(name, source_config, *, split, aus, source_index):
+        if source_config.kind != "toy":
+            return real(name, source_config, split=split, aus=aus, source_index=source_index)
+        toy = source_config.toy
+        size = toy.num_records if split == "train" else source_config.test_size
+        return ToySource(name, source_index, size, split=split, expression=toy.expression,
+                         va=toy.va, label_aus=toy.label_aus, encoded=toy.encoded)
+
+    monkeypatch.setattr(pipeline, "build_source", build_source)
+
+
+def toy(weight=1.0, num_records=40, test_size=10, expression=True, va=True, label_aus=None,
+        encoded=False):
+    return ml_collections.ConfigDict(dict(
+        kind="toy", weight=weight, test_size=test_size,
+        toy=ml_collections.ConfigDict(dict(num_records=num_records, expression=expression, va=va,
+                                           label_aus=label_aus, encoded=encoded))))
+
+
+def make_config(sources, *, batch=8, eval_batch=8, workers=0, seed=0, augment=True):
+    config = ml_collections.ConfigDict()
+    config.seed = seed
+    config.data = ml_collections.ConfigDict(dict(
+        image_size=16, aus=AUS, global_batch_size=batch, eval_batch_size=eval_batch,
+        num_workers=workers, worker_buffer_size=2, read_threads=1, prefetch_buffer_size=2,
+        validate_records=True,
+        augment=ml_collections.ConfigDict(dict(
+            flip=0.5 if augment else 0.0, max_shift=0.06 if augment else 0.0,
+            max_scale=0.08 if augment else 0.0, brightness=0.15 if augment else 0.0,
+            contrast=0.15 if augment else 0.0)),
+        sources=ml_collections.ConfigDict(sources)))
+    return config
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for field in x:
+            np.testing.assert_array_equal(x[field], y[field], err_msg=field)
+
+
+def two_sources(**kwargs):
+    return make_config({"alpha": toy(expression=True, va=True, label_aus=()),
+                        "beta": toy(expression=False, va=False, label_aus=(1, 2, 4),
+                                    encoded=True)}, **kwargs)
+
+
+def test_batch_shapes_and_dtypes():
+    with contextlib.closing(pipeline.build_train_iterator(two_sources(), process_index=0,
+                                                          process_count=1)) as it:
+        batch = next(it)
+    expected = {
+        "image": ((8, 16, 16, 3), np.float32), "expression": ((8,), np.int32),
+        "expression_mask": ((8,), np.float32), "au": ((8, 17), np.float32),
+        "au_mask": ((8, 17), np.float32), "va": ((8, 2), np.float32),
+        "va_mask": ((8,), np.float32), "compound": ((8,), np.int32),
+        "compound_mask": ((8,), np.float32), "source": ((8,), np.int32)}
+    for field, (shape, dtype) in expected.items():
+        assert batch[field].shape == shape and batch[field].dtype == dtype, field
+    assert batch["key"].shape == (8,) and batch["key"].dtype.kind == "U"
+    assert set(batch) == set(expected) | {"key"}
+    assert batch["image"].min() >= -1 and batch["image"].max() < 1
+    assert all(np.isfinite(batch[f]).all() for f in expected)
+
+
+def test_masks_follow_each_sources_labels():
+    config = two_sources()
+    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                          process_count=1)) as it:
+        batches = take(it, 6)
+    batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    alpha, beta = batch["source"] == 0, batch["source"] == 1
+    assert alpha.any() and beta.any()
+    assert pipeline.source_names(config.data) == ["alpha", "beta"]
+    assert all(k.startswith("alpha/") for k in batch["key"][alpha])
+    assert (batch["expression_mask"][alpha] == 1).all() and (batch["va_mask"][alpha] == 1).all()
+    assert (batch["au_mask"][alpha] == 0).all() and (batch["au"][alpha] == 0).all()
+    assert (batch["expression_mask"][beta] == 0).all() and (batch["va_mask"][beta] == 0).all()
+    assert (batch["va"][beta] == 0).all() and (batch["expression"][beta] == 0).all()
+    np.testing.assert_array_equal(batch["au_mask"][beta][:, :3], 1)
+    np.testing.assert_array_equal(batch["au_mask"][beta][:, 3:], 0)
+    assert (batch["compound_mask"] == 0).all()
+    # Labels survive the pipeline: the toy's expression is index % 7.
+    index = np.array([int(k.rsplit("/", 1)[1]) for k in batch["key"][alpha]])
+    np.testing.assert_array_equal(batch["expression"][alpha], index % 7)
+
+
+def test_mixture_proportions_and_source_counts():
+    config = make_config({"big": toy(weight=3.0, num_records=50),
+                          "small": toy(weight=1.0, num_records=30)},
+                         batch=100, augment=False)
+    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                          process_count=1)) as it:
+        counts = sum(pipeline.source_counts(b, 2) for b in take(it, 20))
+    assert counts.sum() == 2000
+    assert abs(counts[0] / 2000 - 0.75) < 0.02
+    np.testing.assert_allclose(pipeline.mixture_weights(config.data), [0.75, 0.25])
+
+
+def test_zero_weight_source_is_not_trained_on_but_keeps_its_index():
+    config = make_config({"a": toy(weight=0.0), "b": toy(weight=1.0)}, augment=False)
+    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                          process_count=1)) as it:
+        batch = next(it)
+    assert (batch["source"] == 1).all()
+
+
+def test_process_shards_are_disjoint():
+    config = make_config({"a": toy(num_records=40), "b": toy(num_records=30)})
+    keys = []
+    for process_index in (0, 1):
+        with contextlib.closing(pipeline.build_train_iterator(
+                config, process_index=process_index, process_count=2)) as it:
+            batches = take(it, 4)
+        assert batches[0]["image"].shape[0] == 4  # global batch 8 over 2 processes
+        keys.append({k for b in batches for k in b["key"]})
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    # Shard p of each source holds the indices p, p + 2, ...
+    for process_index, seen in enumerate(keys):
+        assert {int(k.rsplit("/", 1)[1]) % 2 for k in seen} == {process_index}
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    def first_batches(seed):
+        config = two_sources(seed=seed)
+        with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                              process_count=1)) as it:
+            return take(it, 3)
+
+    assert_same_batches(first_batches(0), first_batches(0))
+    assert not np.array_equal(first_batches(0)[0]["key"], first_batches(1)[0]["key"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_state_and_orbax(workers, tmp_path):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # slow import
+
+    config = two_sources(workers=workers)
+
+    def build():
+        return pipeline.build_train_iterator(config, process_index=0, process_count=1)
+
+    with contextlib.closing(build()) as it:
+        take(it, 3)
+        state = it.get_state()
+        with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+            manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+            manager.wait_until_finished()
+        expected = take(it, 4)
+    with contextlib.closing(build()) as it:
+        it.set_state(state)
+        assert_same_batches(take(it, 4), expected)
+    with contextlib.closing(build()) as it, ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it)))
+        assert_same_batches(take(it, 4), expected)
+    if workers:
+        # Worker processes change where the work runs, not what comes out.
+        with contextlib.closing(pipeline.build_train_iterator(
+                two_sources(workers=0), process_index=0, process_count=1)) as it:
+            take(it, 3)
+            assert_same_batches(take(it, 4), expected)
+
+
+def test_closed_iterator_refuses_next():
+    it = pipeline.build_train_iterator(two_sources(), process_index=0, process_count=1)
+    next(it)
+    pipeline.close_iterator(it)
+    pipeline.close_iterator(it)  # idempotent
+    with pytest.raises(ValueError):
+        next(it)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c.data.sources.alpha, "weight", -1.0), "finite and >= 0"),
+    (lambda c: [setattr(s, "weight", 0.0) for s in c.data.sources.values()], "all source"),
+    (lambda c: setattr(c.data, "global_batch_size", 9), "multiple of the process count"),
+    (lambda c: setattr(c.data.sources.beta, "kind", "tfrecords"), "'beta'.*known kinds"),
+])
+def test_config_errors(change, match):
+    config = two_sources()
+    change(config)
+    with pytest.raises(ValueError, match=match):
+        pipeline.build_train_iterator(config, process_index=0, process_count=2)
+
+
+def test_synthetic_source_needs_the_split_size():
+    source = synthetic_config().data.sources.expr_va
+    with pytest.raises(ValueError, match="'expr_va' has no split 'validation'"):
+        pipeline.build_source("expr_va", source, split="validation", aus=AUS, source_index=0)
+
+
+def test_bad_process_index():
+    with pytest.raises(ValueError, match="process_index"):
+        pipeline.build_train_iterator(two_sources(), process_index=2, process_count=2)
+
+
+def all_eval_rows(config, process_index, process_count):
+    batches = pipeline.build_eval_batches(config, process_index=process_index,
+                                          process_count=process_count)
+    out = list(batches)
+    assert len(out) == len(batches)
+    return out
+
+
+def test_eval_visits_every_example_once_with_padding():
+    config = make_config({"a": toy(test_size=13), "b": toy(test_size=7, encoded=True)},
+                         eval_batch=8)
+    batches = all_eval_rows(config, 0, 1)
+    assert len(batches) == 3  # 20 examples in batches of 8
+    valid = np.concatenate([b["valid"] for b in batches])
+    keys = np.concatenate([b["key"] for b in batches])
+    assert valid.dtype == np.float32 and valid.sum() == 20
+    np.testing.assert_array_equal(valid, [1] * 20 + [0] * 4)
+    assert sorted(keys[:20]) == sorted([f"a/test/{i:05d}" for i in range(13)]
+                                       + [f"b/test/{i:05d}" for i in range(7)])
+    last = batches[-1]
+    for field in ("expression_mask", "au_mask", "va_mask", "compound_mask", "image"):
+        assert (last[field][4:] == 0).all(), field
+    # Padding rows say source 0; counting by `valid` leaves them out.
+    np.testing.assert_array_equal(sum(pipeline.source_counts(b, 2) for b in batches), [13, 7])
+    assert all(b["image"].shape == (8, 16, 16, 3) for b in batches)
+
+
+def test_eval_is_deterministic_and_unaugmented():
+    config = make_config({"a": toy(test_size=5, encoded=True)}, eval_batch=8)
+    first, = all_eval_rows(config, 0, 1)
+    again, = all_eval_rows(config, 0, 1)
+    assert_same_batches([first], [again])
+    source = ToySource("a", 0, 5, split="test", encoded=True)
+    row = transforms.DecodeImage().map(source[3])
+    row = transforms.Normalize().map(transforms.ResizeImage(16).map(row))
+    np.testing.assert_array_equal(first["image"][3], row["image"])
+
+
+def test_eval_shards_have_equal_batch_counts_and_cover_everything():
+    config = make_config({"a": toy(test_size=13), "b": toy(test_size=7)}, eval_batch=6)
+    shards = [all_eval_rows(config, p, 3) for p in range(3)]
+    # Real examples per process: 5 + 3, 4 + 2, 4 + 2 -> 4 batches of 2 each, padded.
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert all(b["image"].shape[0] == 2 for s in shards for b in s)
+    keys = [k for s in shards for b in s for k, v in zip(b["key"], b["valid"]) if v]
+    assert len(keys) == len(set(keys)) == 20
+    assert [sum(b["valid"].sum() for b in s) for s in shards] == [8, 6, 6]
+
+
+def test_eval_with_more_processes_than_examples():
+    config = make_config({"a": toy(test_size=2)}, eval_batch=4)
+    shards = [all_eval_rows(config, p, 4) for p in range(4)]
+    assert [len(s) for s in shards] == [1, 1, 1, 1]
+    assert [s[0]["valid"].sum() for s in shards] == [1, 1, 0, 0]
+    assert shards[3][0]["image"].shape == (1, 16, 16, 3)
+
+
+def synthetic_config(**kwargs):
+    def source(weight, seed, **spec):
+        fields = dict(num_records=64, seed=seed, image_size=24, label_expression=True,
+                      label_va=True, label_aus=(), compound=False, video_frames=0,
+                      style=ml_collections.ConfigDict(dict(
+                          identity=1.0, pose=1.0, clutter=1.0, lighting=1.0, blur=1.0,
+                          noise=1.0, jpeg=1.0, occlusion=1.0)))
+        fields.update(spec)
+        return ml_collections.ConfigDict(dict(
+            kind="synthetic", weight=weight, test_size=10,
+            synthetic=ml_collections.ConfigDict(fields)))
+
+    return make_config({"expr_va": source(0.5, 1),
+                        "aus_only": source(0.5, 2, label_expression=False, label_va=False,
+                                           label_aus=None)}, **kwargs)
+
+
+def test_synthetic_mixture_end_to_end():
+    pytest.importorskip("data_pipelines.synthetic")
+    config = synthetic_config()
+    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                          process_count=1)) as it:
+        batches = take(it, 4)
+    batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
+    # A default ConfigDict iterates its keys sorted, so "aus_only" is source 0.
+    names = pipeline.source_names(config.data)
+    assert names == ["aus_only", "expr_va"]
+    expr_va = batch["source"] == names.index("expr_va")
+    aus_only = batch["source"] == names.index("aus_only")
+    assert expr_va.any() and aus_only.any()
+    assert all(k.startswith("expr_va/train/") for k in batch["key"][expr_va])
+    assert (batch["va_mask"][aus_only] == 0).all()
+    assert (batch["expression_mask"][aus_only] == 0).all()
+    assert (batch["au_mask"][aus_only] == 1).all()
+    assert (batch["au_mask"][expr_va] == 0).all()
+    assert (batch["expression_mask"][expr_va] == 1).all()
+    assert (batch["va_mask"][expr_va] == 1).all()
+    # Evaluation splits are fully labelled, whatever the train split labels.
+    eval_batches = all_eval_rows(config, 0, 1)
+    keys = [k for b in eval_batches for k, v in zip(b["key"], b["valid"]) if v]
+    assert len(keys) == len(set(keys)) == 20
+    for b in eval_batches:
+        real = b["valid"] == 1
+        assert (b["va_mask"][real] == 1).all() and (b["au_mask"][real] == 1).all()
