@@ -68,7 +68,8 @@ def get_config(arg: str = ""):
     data.aus = taxonomy.AUS            # the AU list: the AU head's outputs, in this order
     data.global_batch_size = 16 if tiny else 64   # train batch summed over all processes
     data.eval_batch_size = 32 if tiny else 256    # global evaluation batch
-    data.num_workers = 0 if tiny else 2   # grain worker processes for the train iterator
+    data.num_workers = 0   # grain worker processes (0: threads in this process; enough for
+                           # 2 CPU cores, raise it where spare cores feed an accelerator)
     data.worker_buffer_size = 4           # batches each worker prepares ahead
     data.read_threads = 1                 # grain read threads (per worker)
     data.prefetch_buffer_size = 8         # grain prefetch buffer (batches, per worker)

@@ -1,0 +1,89 @@
+"""Input pipeline throughput: the train iterator of a config, with several worker counts.
+
+Prints one table row per worker count: examples/s after warm-up, seconds to the first batch,
+and the single-core cost of one record of each source (rendering or decoding), which bounds what
+one worker can deliver.
+
+  python benchmarks/input_pipeline.py                       # configs/synthetic.py, 0 and 2 workers
+  python benchmarks/input_pipeline.py --workers 0 2 8 --batches 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+from absl import flags
+
+from data_pipelines import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(path: str):
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", REPO / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def record_cost_ms(config, records: int) -> dict[str, float]:
+    """Single-core milliseconds per record of each source's train split (CPU time)."""
+    costs = {}
+    for k, name in enumerate(pipeline.source_names(config.data)):
+        source = pipeline.build_source(name, config.data.sources[name], split="train",
+                                       aus=config.data.aus, source_index=k)
+        start = time.process_time()
+        for i in range(records):
+            source[i]
+        costs[name] = (time.process_time() - start) / records * 1e3
+    return costs
+
+
+def iterator_throughput(config, workers: int, batches: int, warmup: int) -> tuple[float, float]:
+    """(examples/s after `warmup` batches, seconds to the first batch)."""
+    config.data.num_workers = workers
+    start = time.perf_counter()
+    iterator = pipeline.build_train_iterator(config)
+    try:
+        next(iterator)
+        first = time.perf_counter() - start
+        for _ in range(warmup):
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(iterator)
+        seconds = time.perf_counter() - start
+        del batch
+    finally:
+        pipeline.close_iterator(iterator)
+    return batches * config.data.global_batch_size / seconds, first
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/synthetic.py")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--records", type=int, default=300, help="records timed per source")
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    config = load_config(args.config)
+    print(f"config {args.config}: image {config.data.image_size}px, "
+          f"batch {config.data.global_batch_size}, read_threads {config.data.read_threads}")
+    print(f"{'source':<16} {'ms/record (1 core)':>18}")
+    for name, ms in record_cost_ms(config, args.records).items():
+        print(f"{name:<16} {ms:18.3f}")
+    print()
+    print(f"{'workers':>7} {'examples/s':>11} {'first batch s':>13}")
+    for workers in args.workers:
+        rate, first = iterator_throughput(config, workers, args.batches, args.warmup)
+        print(f"{workers:>7} {rate:11.0f} {first:13.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
