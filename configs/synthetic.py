@@ -157,6 +157,8 @@ def get_config(arg: str = ""):
         best_mode="max",                 # max | min
         eval_split="validation",         # split of the periodic evaluations
         test_split="test",               # split of the final evaluation (metrics.json)
+        tune_au_thresholds=True,         # final evaluation also reports AU metrics at per-AU
+                                         # thresholds chosen on eval_split (au_tuned_*)
     ))
     config.lock()
     return config

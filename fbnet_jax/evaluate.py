@@ -39,12 +39,13 @@ def make_predict_fn(model):
     return jax.jit(predict)
 
 
-def evaluate(model, state, config, split: str, mesh, *, predict_fn=None) -> dict[str, float]:
-    """Metrics of `state` on every example of `split` of every configured source.
+def predict(model, state, config, split: str, mesh, *,
+            predict_fn=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Outputs and labels of every example of `split` of every configured source.
 
     Returns:
-      A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
-      each source (keys as in fbnet_jax.metrics.evaluate_arrays).
+      (outputs, labels): numpy arrays concatenated over the split's batches, padding rows
+      included (labels["valid"] is 0 on them).
     """
     predict_fn = predict_fn or make_predict_fn(model)
     outputs, labels = [], []
@@ -56,10 +57,35 @@ def evaluate(model, state, config, split: str, mesh, *, predict_fn=None) -> dict
         labels.append(parallel.to_host({k: v for k, v in batch.items() if k != "image"}))
     if not outputs:
         raise ValueError(f"split {split!r} has no examples in any source")
-    outputs = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    labels = {k: np.concatenate([b[k] for b in labels]) for k in labels[0]}
-    return metrics.evaluate_arrays(outputs, labels, pipeline.source_names(config.data),
-                                   aus=config.data.aus, prefix=split)
+    return ({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]},
+            {k: np.concatenate([b[k] for b in labels]) for k in labels[0]})
+
+
+def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | None = None,
+             predict_fn=None) -> dict[str, float]:
+    """Metrics of `state` on every example of `split` of every configured source.
+
+    Args:
+      model, state, config, mesh: the network, its train state, the run's config and mesh.
+      split: the split to evaluate.
+      threshold_split: when given, also the AU metrics at per-AU thresholds chosen on this
+        split (e.g. "validation"), under `{split}/au_tuned_*` and `{split}/au_threshold/*`.
+      predict_fn: a `make_predict_fn(model)` to reuse (saves a compilation).
+
+    Returns:
+      A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
+      each source (keys as in fbnet_jax.metrics.evaluate_arrays).
+    """
+    predict_fn = predict_fn or make_predict_fn(model)
+    outputs, labels = predict(model, state, config, split, mesh, predict_fn=predict_fn)
+    results = metrics.evaluate_arrays(outputs, labels, pipeline.source_names(config.data),
+                                      aus=config.data.aus, prefix=split)
+    if threshold_split:
+        tune_outputs, tune_labels = predict(model, state, config, threshold_split, mesh,
+                                            predict_fn=predict_fn)
+        results.update(metrics.tuned_au_metrics(tune_outputs, tune_labels, outputs, labels,
+                                                aus=config.data.aus, prefix=split))
+    return results
 
 
 def _rows(results: dict[str, float], split: str) -> list[tuple[str, str]]:
@@ -84,6 +110,15 @@ def format_table(results: dict[str, float], split: str) -> str:
             cells.append(f"{value:8.4f}" if value is not None else f"{'-':>8}")
         lines.append(" | ".join([f"{name:<{name_width}}"] + cells))
     return "\n".join(lines)
+
+
+def format_tuned(results: dict[str, float], split: str) -> str:
+    """The line for AU metrics at validation-tuned thresholds ('' when not computed)."""
+    key = f"{split}/au_tuned_mean_f1"
+    if key not in results:
+        return ""
+    return (f"AU mean F1 at per-AU thresholds tuned on the evaluation split: {results[key]:.4f} "
+            f"(accuracy {results[f'{split}/au_tuned_accuracy']:.4f})")
 
 
 def format_summary(results: dict[str, float], split: str) -> str:
@@ -113,12 +148,15 @@ def evaluate_workdir(workdir: str | Path, split: str | None = None,
         raise FileNotFoundError(f"{workdir / checkpointing.CHECKPOINT_DIR}: no checkpoint to "
                                 f"evaluate")
     state, step = restored
-    results = evaluate(model, state, config, split, mesh)
+    results = evaluate(model, state, config, split, mesh,
+                       threshold_split=config.train.eval_split if config.train.tune_au_thresholds
+                       else None)
     results["step"] = float(step)
     if jax.process_index() == 0:
         out = workdir / "eval" / f"{split}_step{step}.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(results, indent=2, sort_keys=True))
-        log.info("checkpoint of step %d on %r:\n%s", step, split, format_table(results, split))
+        log.info("checkpoint of step %d on %r:\n%s\n%s", step, split,
+                 format_table(results, split), format_tuned(results, split))
         log.info("metrics written to %s", out.absolute())
     return results

@@ -277,7 +277,8 @@ def _subsets(batch: Mapping[str, np.ndarray], source_names: Sequence[str],
         yield f"{prefix}/{name}", valid & (source == index)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """AU probabilities from AU logits, in float64."""
     # The tanh form never overflows, unlike 1 / (1 + exp(-x)) for large negative x.
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
 
@@ -305,7 +306,7 @@ def evaluate_arrays(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.nd
       examples. A task with no labelled example in a subset has no key for that subset.
     """
     expression_predictions = np.argmax(outputs["expression_logits"], axis=-1)
-    au_probabilities = _sigmoid(outputs["au_logits"])
+    au_probabilities = sigmoid(outputs["au_logits"])
     au_names = tuple(f"AU{n}" for n in aus)
     results: dict[str, float] = {}
     for key, rows in _subsets(batch, source_names, prefix):
@@ -327,6 +328,32 @@ def evaluate_arrays(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.nd
                 results.update(flatten(compound_metrics(
                     batch["compound"], np.argmax(compound_logits, axis=-1), mask,
                     compound_logits.shape[-1]), f"{key}/compound"))
+    return results
+
+
+def tuned_au_metrics(tune_outputs: Mapping[str, np.ndarray], tune_batch: Mapping[str, np.ndarray],
+                     outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                     aus: Sequence[int] = taxonomy.AUS, prefix: str = "test") -> dict[str, float]:
+    """AU metrics of a whole set at per-AU thresholds chosen on another (validation) set.
+
+    The thresholds maximise each AU's F1 on `tune_*` (`choose_au_thresholds`); the metrics of
+    `outputs`/`batch` at those thresholds are returned as f"{prefix}/au_tuned_{metric}" (and
+    f"{prefix}/au_tuned_f1/AU{n}"), with the thresholds as f"{prefix}/au_threshold/AU{n}".
+    Padding rows (valid == 0) of either set are left out. Empty when either set has no AU label.
+    """
+    def labelled(b):
+        return np.asarray(b["au_mask"]) * (np.asarray(b["valid"]) > 0)[:, None]
+
+    tune_mask, mask = labelled(tune_batch), labelled(batch)
+    if not (tune_mask.any() and mask.any()):
+        return {}
+    thresholds = choose_au_thresholds(tune_batch["au"], sigmoid(tune_outputs["au_logits"]),
+                                      tune_mask)
+    au_names = tuple(f"AU{n}" for n in aus)
+    results = flatten(au_metrics(batch["au"], sigmoid(outputs["au_logits"]), mask, thresholds,
+                                 au_names), f"{prefix}/au_tuned")
+    results.update({f"{prefix}/au_threshold/{name}": float(t)
+                    for name, t in zip(au_names, thresholds, strict=True)})
     return results
 
 

@@ -153,6 +153,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     stop_at = min(num_steps, step + train_cfg.stop_after_steps) if train_cfg.stop_after_steps \
         else num_steps
     running = metrics_lib.MeanScalars.empty()  # step metrics since the last log, on device
+    predict_fn = evaluate.make_predict_fn(model)  # compiled once for every evaluation
     last_good_checkpoint = manager.latest_step()
     interval_start, interval_step = time.perf_counter(), step
     steps_per_second = 0.0
@@ -215,7 +216,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
             if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < num_steps:
                 flush(step)
                 eval_metrics = evaluate.evaluate(model, state, config, train_cfg.eval_split,
-                                                 mesh)
+                                                 mesh, predict_fn=predict_fn)
                 _write_scalars(writer, step, eval_metrics)
                 log.info("%s", evaluate.format_summary(eval_metrics, train_cfg.eval_split))
                 interval_start = time.perf_counter()
@@ -232,12 +233,16 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
                  "--workdir to continue", train_cfg.stop_after_steps)
         return {}
 
-    final = evaluate.evaluate(model, state, config, train_cfg.test_split, mesh)
+    final = evaluate.evaluate(
+        model, state, config, train_cfg.test_split, mesh,
+        threshold_split=train_cfg.eval_split if train_cfg.tune_au_thresholds else None,
+        predict_fn=predict_fn)
     final["step"] = float(step)
     _write_scalars(writer, step, final)
     if jax.process_index() == 0:
         (Path(workdir) / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-    log.info("final evaluation on %r (step %d):\n%s", train_cfg.test_split, step,
-             evaluate.format_table(final, train_cfg.test_split))
+    log.info("final evaluation on %r (step %d):\n%s\n%s", train_cfg.test_split, step,
+             evaluate.format_table(final, train_cfg.test_split),
+             evaluate.format_tuned(final, train_cfg.test_split))
     log.info("metrics written to %s", Path(workdir).absolute() / "metrics.json")
     return final

@@ -309,3 +309,42 @@ def test_mean_scalars_accumulate_step_means_under_jit():
     assert running.merge(metrics.MeanScalars.empty()) is running
     with pytest.raises(ValueError):
         running.merge(metrics.MeanScalars.from_step({"other": 1.0}))
+
+
+def test_tuned_au_metrics_apply_validation_thresholds_to_the_test_set():
+    rng = np.random.default_rng(7)
+    n, a = 300, 4
+    aus = (1, 2, 4, 6)
+
+    def split(shift):
+        labels = rng.integers(0, 2, (n, a)).astype(np.float32)
+        logits = (labels - 0.5) * 2 + shift + rng.normal(0, 1.5, (n, a))
+        mask = (rng.random((n, a)) < 0.8).astype(np.float32)
+        valid = np.ones(n, np.float32)
+        valid[-10:] = 0  # padding rows: garbage that must not count
+        return {"au_logits": logits}, {"au": labels, "au_mask": mask, "valid": valid}
+
+    tune_outputs, tune_batch = split(shift=-1.0)  # biased logits: 0.5 is not the best threshold
+    outputs, batch = split(shift=-1.0)
+    results = metrics.tuned_au_metrics(tune_outputs, tune_batch, outputs, batch, aus, "test")
+    keep = tune_batch["valid"][:, None] > 0
+    expected_thresholds = metrics.choose_au_thresholds(
+        tune_batch["au"], metrics.sigmoid(tune_outputs["au_logits"]), tune_batch["au_mask"] * keep)
+    for au, t in zip(aus, expected_thresholds):
+        assert results[f"test/au_threshold/AU{au}"] == pytest.approx(t)
+    assert any(t != 0.5 for t in expected_thresholds)
+    expected = metrics.au_metrics(
+        batch["au"], metrics.sigmoid(outputs["au_logits"]),
+        batch["au_mask"] * (batch["valid"][:, None] > 0), expected_thresholds,
+        [f"AU{au}" for au in aus])
+    assert results["test/au_tuned_mean_f1"] == pytest.approx(expected["mean_f1"])
+    assert results["test/au_tuned_accuracy"] == pytest.approx(expected["accuracy"])
+    # Tuned thresholds do at least as well as 0.5 on the set they were tuned on.
+    at_half = metrics.au_metrics(tune_batch["au"], metrics.sigmoid(tune_outputs["au_logits"]),
+                                 tune_batch["au_mask"] * keep, 0.5, [f"AU{au}" for au in aus])
+    tuned_on_itself = metrics.tuned_au_metrics(tune_outputs, tune_batch, tune_outputs, tune_batch,
+                                               aus, "v")
+    assert tuned_on_itself["v/au_tuned_mean_f1"] >= at_half["mean_f1"]
+    # No AU label in either set: no keys.
+    empty = dict(batch, au_mask=np.zeros_like(batch["au_mask"]))
+    assert metrics.tuned_au_metrics(tune_outputs, tune_batch, outputs, empty, aus, "t") == {}

@@ -43,7 +43,8 @@ def test_one_train_step_changes_params_and_reports_losses(tiny_config):
 
 def test_tiny_run_leaves_artefacts_and_eval_reproduces_them(tiny_config, tmp_path):
     results = train.train_and_evaluate(tiny_config, tmp_path)
-    for key in ("test/expression_accuracy", "test/au_mean_f1", "test/va_mean_ccc"):
+    for key in ("test/expression_accuracy", "test/au_mean_f1", "test/va_mean_ccc",
+                "test/au_tuned_mean_f1", "test/au_threshold/AU12"):
         assert key in results and math.isfinite(results[key])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(results)
