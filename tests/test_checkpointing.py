@@ -1,0 +1,75 @@
+"""Orbax checkpoints: what is kept, what is refused, what comes back."""
+
+import json
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fbnet_jax import checkpointing
+
+
+def _config():
+    config = ml_collections.ConfigDict({"train": {"widths": (8, 16)}, "name": "x"})
+    config.lock()
+    return config
+
+
+def _state(value):
+    return {"w": jnp.full((3,), value, jnp.float32), "step": jnp.asarray(int(value), jnp.int32)}
+
+
+def test_keeps_the_latest_and_the_best(tmp_path):
+    manager = checkpointing.create_manager(tmp_path, max_to_keep=1, best_metric="val/acc")
+    for step, acc in zip((1, 2, 3, 4), (0.5, 0.9, 0.6, 0.7)):
+        checkpointing.save(manager, step, _state(step), config=_config(),
+                           metrics={"val/acc": acc})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4]
+    manager.close()
+
+
+def test_without_a_best_metric_only_the_latest_are_kept(tmp_path):
+    manager = checkpointing.create_manager(tmp_path, max_to_keep=2)
+    for step in (1, 2, 3):
+        checkpointing.save(manager, step, _state(step), config=_config())
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 3]
+    manager.close()
+
+
+def test_non_finite_metrics_are_refused(tmp_path):
+    manager = checkpointing.create_manager(tmp_path)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        checkpointing.save(manager, 1, _state(1), config=_config(),
+                           metrics={"val/acc": float("nan")})
+    manager.wait_until_finished()
+    assert manager.all_steps() == []
+    manager.close()
+
+
+def test_restore_latest_and_config(tmp_path):
+    manager = checkpointing.create_manager(tmp_path)
+    assert checkpointing.restore(manager, checkpointing.abstract_like(_state(0))) is None
+    checkpointing.save(manager, 5, _state(5), config=_config())
+    checkpointing.save(manager, 7, _state(7), config=_config())
+    manager.wait_until_finished()
+    state, step = checkpointing.restore(manager, checkpointing.abstract_like(_state(0)))
+    assert step == 7
+    np.testing.assert_array_equal(state["w"], np.full(3, 7.0))
+    manager.close()
+
+
+def test_load_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        checkpointing.load_config(tmp_path)
+    (tmp_path / "config.json").write_text(_config().to_json())
+    config = checkpointing.load_config(tmp_path)
+    assert config.train.widths == (8, 16)  # JSON lists come back as the tuples configs use
+    with pytest.raises(AttributeError):
+        config.unknown = 1  # locked
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        checkpointing.load_config(tmp_path)
+    assert json.loads(_config().to_json())["name"] == "x"
