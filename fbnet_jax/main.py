@@ -67,6 +67,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
+    # absl's --help shows the __main__ module's docstring; under the console script __main__ is
+    # the generated wrapper, so lend it this module's.
+    sys.modules["__main__"].__doc__ = __doc__
     app.run(main, argv=sys.argv)
 
 

@@ -29,7 +29,8 @@ def create_optimizer(opt_config: ml_collections.ConfigDict,
     warmup = min(opt_config.warmup_steps, num_steps)
     if opt_config.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
-            0.0, opt_config.learning_rate, warmup_steps=warmup, decay_steps=max(num_steps, 1),
+            0.0, opt_config.learning_rate, warmup_steps=warmup,
+            decay_steps=max(num_steps, warmup + 1),  # the total length, warm-up included
             end_value=opt_config.learning_rate * opt_config.end_learning_rate_factor)
     elif opt_config.schedule == "constant":
         schedule = optax.join_schedules(

@@ -149,3 +149,16 @@ def test_same_loss_and_update_on_1_and_8_devices():
         assert eight["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for a, b in zip(one["params"], eight["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_peaks_and_survives_runs_shorter_than_the_warm_up(tiny_config, schedule):
+    tiny_config.optimizer.schedule = schedule
+    tiny_config.optimizer.warmup_steps = 10
+    _, lr = state_lib.create_optimizer(tiny_config.optimizer, 100)
+    peak = tiny_config.optimizer.learning_rate
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(peak)
+    if schedule == "cosine":
+        assert float(lr(100)) == pytest.approx(peak * tiny_config.optimizer.end_learning_rate_factor)
+    _, short = state_lib.create_optimizer(tiny_config.optimizer, 2)  # shorter than the warm-up
+    assert all(math.isfinite(float(short(s))) for s in range(4))
