@@ -61,11 +61,6 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
             for name, value in local_batch.items() if is_device_field(value)}
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree replicated over the mesh."""
-    return jax.device_put(tree, replicated(mesh))
-
-
 def to_host(tree: Any) -> Any:
     """Fetches a pytree of (possibly sharded, multi-process) arrays as numpy arrays.
 

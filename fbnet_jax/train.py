@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 import tensorboardX
 
@@ -153,6 +154,8 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     stop_at = min(num_steps, step + train_cfg.stop_after_steps) if train_cfg.stop_after_steps \
         else num_steps
     running = metrics_lib.MeanScalars.empty()  # step metrics since the last log, on device
+    names = pipeline.source_names(config.data)
+    seen = np.zeros(len(names), np.int64)  # this process's examples per source since the log
     predict_fn = evaluate.make_predict_fn(model)  # compiled once for every evaluation
     last_good_checkpoint = manager.latest_step()
     interval_start, interval_step = time.perf_counter(), step
@@ -160,11 +163,15 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
 
     def flush(step: int) -> dict[str, float]:
         """Checks and logs the metrics accumulated since the last flush."""
-        nonlocal running, interval_start, interval_step, steps_per_second
+        nonlocal running, seen, interval_start, interval_step, steps_per_second
         scalars = running.compute()
         if not scalars:
             return {}
         running = metrics_lib.MeanScalars.empty()
+        # The mixture as drawn: fraction of examples per source (compare with the weights).
+        scalars.update({f"data/fraction/{name}": float(count) / max(seen.sum(), 1)
+                        for name, count in zip(names, seen)})
+        seen = np.zeros_like(seen)
         bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
         if bad:
             raise FloatingPointError(
@@ -200,7 +207,9 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     with _Preemption() as preemption:
         first_step = True
         while step < stop_at:
-            batch = parallel.global_batch(next(data_iterator), mesh)
+            local_batch = next(data_iterator)
+            seen += pipeline.source_counts(local_batch, len(names))
+            batch = parallel.global_batch(local_batch, mesh)
             state, step_metrics = train_step(state, batch)
             step += 1
             if first_step:  # keep compilation out of the throughput numbers

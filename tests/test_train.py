@@ -58,7 +58,10 @@ def test_tiny_run_leaves_artefacts_and_eval_reproduces_them(tiny_config, tmp_pat
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/total", "steps_per_second", "test/expression_accuracy",
-            "validation/expression_accuracy"} <= tags
+            "validation/expression_accuracy", "data/fraction/rafdb_like"} <= tags
+    fractions = [events.Scalars(f"data/fraction/{name}")[-1].value
+                 for name in pipeline.source_names(tiny_config.data)]
+    assert sum(fractions) == pytest.approx(1.0)
     # `fbnet eval` re-evaluates the latest checkpoint: the same numbers as the run's own.
     again = evaluate.evaluate_workdir(tmp_path)
     assert again == pytest.approx(results)
