@@ -116,3 +116,19 @@ def _lists_to_tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_lists_to_tuples(v) for v in value)
     return value
+
+
+def config_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """Dotted paths whose values differ between two config dicts (JSON form), as 'a.b: x -> y'."""
+    def flat(tree, prefix=""):
+        if isinstance(tree, Mapping):
+            out = {}
+            for key, value in tree.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: tree}
+
+    a, b = flat(before), flat(after)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+

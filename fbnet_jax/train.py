@@ -110,7 +110,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "eval batch size")
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        saved = workdir / "config.json"
+        if saved.exists():  # a restart: changed shapes would fail the restore below
+            changes = checkpointing.config_differences(json.loads(saved.read_text()),
+                                                       json.loads(config.to_json()))
+            if changes:
+                log.warning("the config differs from the one %s was run with: %s", workdir,
+                            "; ".join(changes))
+        saved.write_text(config.to_json(indent=2))
     log.info("work directory: %s", workdir.absolute())
     log.info("devices: %d x %s over %d process(es)", jax.device_count(),
              jax.devices()[0].device_kind, jax.process_count())

@@ -73,3 +73,11 @@ def test_load_config(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         checkpointing.load_config(tmp_path)
     assert json.loads(_config().to_json())["name"] == "x"
+
+
+def test_config_differences():
+    before = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    after = {"a": {"b": 2, "c": [1, 2]}, "e": 3, "d": "x"}
+    assert checkpointing.config_differences(before, after) == [
+        "a.b: 1 -> 2", "e: '<absent>' -> 3"]
+    assert checkpointing.config_differences(before, before) == []
