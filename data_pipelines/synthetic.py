@@ -324,7 +324,10 @@ def _caption(record: schema.Record, aus: Sequence[int]) -> list[str]:
         lines = ["-"]
     au = np.asarray(record[schema.AU])
     active = [str(a) for a, v in zip(aus, au) if v == 1]
-    words = ["AU"] + active if (au >= 0).any() else ["AU ?"]
+    if not (au >= 0).any():
+        words = ["AU ?"]  # no AU labelled
+    else:
+        words = ["AU"] + (active or ["none"])
     while words:   # wrap the AU list in lines of at most 6 numbers
         lines.append(" ".join(words[:6]))
         words = words[6:]
