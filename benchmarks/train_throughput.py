@@ -5,11 +5,19 @@ device-resident batch, so the numbers are the model's, not the input pipeline's 
 benchmarks/input_pipeline.py for that). Prints one table row per case:
 
   python benchmarks/train_throughput.py                       # CPU-sized cases
-  python benchmarks/train_throughput.py --cases gpu --peak_tflops 989
+  python benchmarks/train_throughput.py --cases gpu           # TF32 float32 rows on NVIDIA
+  python benchmarks/train_throughput.py --cases gpu --matmul_precision highest  # true FP32
 
 Columns: examples/s, ms per step, compile seconds, model TFLOP per step (XLA's cost analysis of
-the step lowered for the CPU),
-achieved TFLOP/s and, with --peak_tflops, model FLOPs utilisation (MFU).
+the step lowered for the CPU), achieved TFLOP/s, and the arithmetic the backbone's convolutions
+and matrix products ran in ("matmul"): bfloat16 and float16 rows run in bf16 and fp16; float32
+rows run at --matmul_precision (jax_default_matmul_precision), which on NVIDIA GPUs (Ampere and
+newer) means TF32 on the tensor cores for "default" and "high" and true FP32 only for "highest";
+on the CPU float32 is float32 at every setting. The heads and losses stay float32 in every row.
+
+MFU is achieved TFLOP/s over the dense peak of that arithmetic on the device (PEAK_TFLOPS, from
+the vendor's datasheet; known devices only, none for the CPU), or over --peak_tflops for every
+row when given. The peak used is printed beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,14 @@ from fbnet_jax import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Dense (no sparsity) peak TFLOP/s per device kind and arithmetic, from the vendor's datasheet.
+# NVIDIA H200 SXM ("NVIDIA H200"; the H200 NVL is slower and is not listed): its 989 TFLOP/s
+# TF32 figure is with 2:4 sparsity, 494.7 dense (likewise bf16 and fp16: 1979 sparse, 989.4
+# dense); FP32 is the CUDA cores' rate.
+PEAK_TFLOPS = {
+    "NVIDIA H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+}
+
 # (backbone, image size, global batch, dtype)
 CASES = {
     "cpu": [("small_cnn", 64, 64, "float32"), ("small_cnn", 96, 64, "float32"),
@@ -35,6 +51,20 @@ CASES = {
             ("vgg_face", 112, 256, "float32"), ("vgg_face", 112, 256, "bfloat16"),
             ("vgg_face", 96, 512, "bfloat16")],
 }
+
+
+def matmul_arithmetic(device, dtype: str, precision: str) -> str:
+    """What the backbone's convolutions and matrix products compute in, for the table."""
+    if dtype in ("bfloat16", "float16"):
+        return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+    if dtype != "float32":
+        return dtype
+    if device.platform == "cpu":
+        return "fp32"  # XLA's CPU backend ignores the precision setting
+    if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
+        # NVIDIA from Ampere on: DEFAULT and HIGH allow TF32 tensor-core arithmetic.
+        return "fp32" if precision == "highest" else "tf32"
+    return f"f32@{precision}"  # other backends: the setting's meaning is theirs
 
 
 def load_config():
@@ -102,20 +132,36 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", choices=sorted(CASES), default="cpu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--matmul_precision", choices=("default", "high", "highest"),
+                        default="default",
+                        help="jax_default_matmul_precision for float32 convolutions and matrix "
+                             "products: on NVIDIA GPUs default and high are TF32, highest is "
+                             "true FP32; no effect on the CPU or on bfloat16 rows' backbone")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
-                        help="peak device TFLOP/s for the MFU column (0: no MFU)")
+                        help="peak device TFLOP/s for the MFU column of every row (0: the dense "
+                             "datasheet peak of each row's arithmetic on known devices, "
+                             "no MFU elsewhere)")
     args = parser.parse_args()
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-    header = (f"{'backbone':<10} {'size':>4} {'batch':>5} {'dtype':<8} {'ex/s':>9} {'ms/step':>8}"
-              f" {'compile s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    device = jax.devices()[0]
+    peaks = PEAK_TFLOPS.get(device.device_kind, {})
+    print(f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
+          f"matmul precision {args.matmul_precision}")
+    header = (f"{'backbone':<10} {'size':>4} {'batch':>5} {'dtype':<8} {'matmul':<6}"
+              f" {'ex/s':>9} {'ms/step':>8} {'compile s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8}"
+              f" {'peak':>6} {'MFU':>6}")
     print(header)
     print("-" * len(header))
     for backbone, size, batch, dtype in CASES[args.cases]:
         ex_s, ms, compile_s, tflop = bench(backbone, size, batch, dtype, args.steps)
         achieved = tflop / (ms / 1e3)
-        mfu = f"{achieved / args.peak_tflops:6.1%}" if args.peak_tflops else f"{'-':>6}"
-        print(f"{backbone:<10} {size:>4} {batch:>5} {dtype:<8} {ex_s:9.1f} {ms:8.1f} "
-              f"{compile_s:9.1f} {tflop:10.4f} {achieved:8.2f} {mfu}", flush=True)
+        arithmetic = matmul_arithmetic(device, dtype, args.matmul_precision)
+        peak = args.peak_tflops or peaks.get(arithmetic, 0.0)
+        peak_s = f"{peak:6.1f}" if peak else f"{'-':>6}"
+        mfu = f"{achieved / peak:6.1%}" if peak else f"{'-':>6}"
+        print(f"{backbone:<10} {size:>4} {batch:>5} {dtype:<8} {arithmetic:<6} {ex_s:9.1f} "
+              f"{ms:8.1f} {compile_s:9.1f} {tflop:10.4f} {achieved:8.2f} {peak_s} {mfu}",
+              flush=True)
 
 
 if __name__ == "__main__":
