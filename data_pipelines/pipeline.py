@@ -18,6 +18,7 @@ or the generator is discarded.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -65,6 +66,51 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
         return _synthetic_source(name, source_config, split=split, aus=aus,
                                  source_index=source_index)
     raise ValueError(f"source {name!r} has unknown kind {kind!r}; known kinds: {SOURCE_KINDS}")
+
+
+def source_splits(source_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The splits a source provides, e.g. ("test", "train", "validation").
+
+    A synthetic source has "train" plus one split per `<split>_size` field of its config.
+    """
+    if source_config.kind == "synthetic":
+        sizes = sorted(k[:-len("_size")] for k in source_config.keys() if k.endswith("_size"))
+        return tuple(sorted(["train", *sizes]))
+    raise ValueError(f"unknown source kind {source_config.kind!r}; known kinds: {SOURCE_KINDS}")
+
+
+def config_problems(data_config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with `config.data`'s sources, one message per problem (empty: nothing).
+
+    Checks what can be checked without reading any data: known kinds, mixture weights, and the
+    sizes of generated sources. Field names in messages are full paths (`data.sources.x.weight`).
+    """
+    names = source_names(data_config)
+    if not names:
+        return ["data.sources: empty; the mixture needs at least one source"]
+    problems = []
+    for name in names:
+        source = data_config.sources[name]
+        path = f"data.sources.{name}"
+        if source.kind not in SOURCE_KINDS:
+            problems.append(f"{path}.kind: unknown kind {source.kind!r}; known: "
+                            f"{', '.join(SOURCE_KINDS)}")
+            continue
+        weight = float(source.weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            problems.append(f"{path}.weight: must be finite and >= 0, got {source.weight}")
+        if source.kind == "synthetic":
+            if source.synthetic.num_records < 1:
+                problems.append(f"{path}.synthetic.num_records: must be >= 1, got "
+                                f"{source.synthetic.num_records}")
+            for split in source_splits(source):
+                if split != "train" and source[f"{split}_size"] < 1:
+                    problems.append(f"{path}.{split}_size: must be >= 1, got "
+                                    f"{source[f'{split}_size']}")
+    if not problems and sum(float(data_config.sources[n].weight) for n in names) <= 0:
+        problems.append(f"data.sources.*.weight: all weights are 0 ({', '.join(names)}); "
+                        f"at least one source must be trained on")
+    return problems
 
 
 def _synthetic_source(name, source_config, *, split, aus, source_index):
@@ -148,6 +194,18 @@ def _augment(augment_config: ml_collections.ConfigDict) -> transforms.RandomAugm
         contrast=augment_config.contrast)
 
 
+def shuffle_seed(seed: int, source_name: str) -> int:
+    """The shuffle seed of one source: a stream of its own, derived from `seed` and its name.
+
+    grain reshuffles each epoch with seed + epoch, so seeds that are neighbours (seed + k for the
+    k-th source) would replay source k+1's order of epoch e as source k's order of epoch e+1.
+    Hashing the name spreads the seeds over 2**32 values, and adding, removing or renaming a
+    source leaves every other source's order as it was.
+    """
+    return int(np.random.SeedSequence(
+        [seed, zlib.crc32(source_name.encode()), 0x5EED]).generate_state(1)[0])
+
+
 def _augment_seed(seed: int, process_index: int) -> int:
     # random_map seeds each element from (seed, index in the mixed dataset); folding in the
     # process keeps the same index on two hosts from getting the same jitter.
@@ -199,7 +257,7 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
         if len(shard) == 0:
             raise ValueError(f"source {name!r} has {len(source)} training examples, too few to "
                              f"give each of {process_count} processes one")
-        datasets.append(shard.seed(config.seed + k).shuffle().repeat())
+        datasets.append(shard.seed(shuffle_seed(config.seed, name)).shuffle().repeat())
         mix_weights.append(float(weights[k]))
     ds = grain.MapDataset.mix(datasets, weights=mix_weights)
     ds = _prepare(ds, data, aus)

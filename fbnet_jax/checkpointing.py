@@ -2,13 +2,17 @@
 
 A step directory holds three items: `state` (the train state pytree), `data` (the grain iterator
 state, one file per process) and `config` (JSON). Restoring all three continues a run on exactly
-the batch where it stopped. Saves are asynchronous; a save that dies half-way leaves a temporary
-directory that orbax ignores, so the previous checkpoint stays the latest.
+the batch where it stopped, and the config stored with a checkpoint is the authority for
+restoring and evaluating it. Saves are asynchronous; a save that dies half-way leaves a temporary
+directory that orbax ignores, so the previous checkpoint stays the latest. `save` refuses a state
+holding a NaN or an infinity, so no checkpoint ever holds one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,9 +20,12 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from fbnet_jax import parallel
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -42,10 +49,48 @@ def create_manager(workdir: str | Path, *, max_to_keep: int = 2, best_metric: st
         policy = policies.AnyPreservationPolicy([policy, policies.BestN(
             get_metric_fn=lambda metrics: metrics[best_metric],
             reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False)])
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    # A read-only manager is what was asked for; orbax warns that it is read-only.
+    with _absl_level(logging.ERROR) if read_only else contextlib.nullcontext():
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
+        return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+@contextlib.contextmanager
+def _absl_level(level: int):
+    """Temporarily raises the level of the `absl` logger (orbax logs through absl)."""
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> Any:
+    """Per leaf: True unless a floating-point leaf holds a NaN or an infinity."""
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                        else jnp.bool_(True), tree)
+
+
+def path_name(path) -> str:
+    """A pytree key path as `params/backbone/Conv_0/kernel`."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths (`params/backbone/Conv_0/kernel`) of the floating-point leaves holding NaN or inf."""
+    flags = parallel.to_host(_finite_leaves(tree))
+    return [path_name(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, config: ml_collections.ConfigDict,
@@ -53,12 +98,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, config: ml_co
     """Starts an asynchronous save of state, iterator state and config at `step`.
 
     Raises:
-      FloatingPointError: a metric is not finite; a checkpoint from a diverged run would
-        overwrite good ones under keep-latest-N, so it is refused.
+      FloatingPointError: the state or a metric holds a NaN or an infinity. A checkpoint of a
+        diverged run would push good ones out under keep-latest-N, and a restart would continue
+        from it, so it is refused (nothing is written).
     """
     if metrics and not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite metrics "
                                  f"{ {k: v for k, v in metrics.items() if not math.isfinite(v)} }")
+    bad = non_finite_leaves(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN "
+                                 f"or infinite values in {shown}")
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
     if data_iterator is not None:
@@ -90,13 +141,38 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
     return restored["state"], step
 
 
+def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+    """The config stored with the checkpoint of `step` (locked)."""
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_from_json(restored["config"])
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / CHECKPOINT_DIR
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """The steps of the run's finished checkpoints, ascending ([] if none; creates nothing)."""
+    if not checkpoint_dir(workdir).is_dir():
+        return []
+    manager = create_manager(workdir, read_only=True)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def abstract_like(state: Any) -> Any:
     """The restore target for a state: shapes, dtypes and shardings, no data."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The config a run was started with (`workdir/config.json`), as a locked ConfigDict."""
+    """The config the run's latest invocation wrote (`workdir/config.json`), locked.
+
+    A checkpoint's own config (`read_config`) is the authority for that checkpoint; this file is
+    the readable copy for people and scripts.
+    """
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; is {workdir} the work directory of a run?")
@@ -104,31 +180,20 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    config = ml_collections.ConfigDict(_lists_to_tuples(values))
+    return config_from_json(values)
+
+
+def config_from_json(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A locked ConfigDict from a config's JSON values."""
+    config = ml_collections.ConfigDict(_lists_to_tuples(dict(values)))
     config.lock()
     return config
 
 
 def _lists_to_tuples(value: Any) -> Any:
     """JSON has no tuples; configs use them (AU lists, widths), so lists are turned back."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: _lists_to_tuples(v) for k, v in value.items()}
     if isinstance(value, list):
         return tuple(_lists_to_tuples(v) for v in value)
     return value
-
-
-def config_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """Dotted paths whose values differ between two config dicts (JSON form), as 'a.b: x -> y'."""
-    def flat(tree, prefix=""):
-        if isinstance(tree, Mapping):
-            out = {}
-            for key, value in tree.items():
-                out.update(flat(value, f"{prefix}{key}."))
-            return out
-        return {prefix[:-1]: tree}
-
-    a, b = flat(before), flat(after)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-

@@ -1,23 +1,27 @@
 """Evaluation: every example of a split once, exact metrics per source and for the mixture.
 
 `evaluate` runs inside training (periodic validation, final test); `evaluate_workdir` re-evaluates
-the latest checkpoint of a finished or interrupted run from its saved config (`fbnet eval`).
+a checkpoint of a finished or interrupted run with the config stored in that checkpoint
+(`fbnet eval`), optionally with evaluation settings changed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, metrics, parallel
+from fbnet_jax import checkpointing, config_checks, metrics, parallel
 from fbnet_jax import state as state_lib
+from fbnet_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,10 @@ TABLE_COLUMNS = (
 OUTPUT_KEYS = ("expression_logits", "au_logits", "va")
 
 
+class Interrupted(Exception):
+    """An evaluation was abandoned because `should_stop()` became true (SIGTERM, Ctrl-C)."""
+
+
 def make_predict_fn(model):
     """A jitted `(state, image) -> outputs` with the network in inference mode."""
     def predict(state, image):
@@ -39,9 +47,14 @@ def make_predict_fn(model):
     return jax.jit(predict)
 
 
-def predict(model, state, config, split: str, mesh, *,
-            predict_fn=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def predict(model, state, config, split: str, mesh, *, predict_fn=None,
+            should_stop: Callable[[], bool] | None = None,
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Outputs and labels of every example of `split` of every configured source.
+
+    Args:
+      should_stop: checked before every batch; when it returns True the evaluation is
+        abandoned with `Interrupted`, so a stop request never waits for a whole split.
 
     Returns:
       (outputs, labels): numpy arrays concatenated over the split's batches, padding rows
@@ -52,6 +65,8 @@ def predict(model, state, config, split: str, mesh, *,
     batches = pipeline.build_eval_batches(config, split=split)
     for local_batch in tqdm.tqdm(batches, desc=f"eval {split}", unit="batch", leave=False,
                                  disable=None if jax.process_index() == 0 else True):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"evaluation of {split!r} interrupted")
         batch = parallel.global_batch(local_batch, mesh)
         outputs.append(parallel.to_host(predict_fn(state, batch["image"])))
         labels.append(parallel.to_host({k: v for k, v in batch.items() if k != "image"}))
@@ -62,7 +77,7 @@ def predict(model, state, config, split: str, mesh, *,
 
 
 def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | None = None,
-             predict_fn=None) -> dict[str, float]:
+             predict_fn=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Metrics of `state` on every example of `split` of every configured source.
 
     Args:
@@ -71,18 +86,20 @@ def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | N
       threshold_split: when given, also the AU metrics at per-AU thresholds chosen on this
         split (e.g. "validation"), under `{split}/au_tuned_*` and `{split}/au_threshold/*`.
       predict_fn: a `make_predict_fn(model)` to reuse (saves a compilation).
+      should_stop: see `predict`.
 
     Returns:
       A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
       each source (keys as in fbnet_jax.metrics.evaluate_arrays).
     """
     predict_fn = predict_fn or make_predict_fn(model)
-    outputs, labels = predict(model, state, config, split, mesh, predict_fn=predict_fn)
+    outputs, labels = predict(model, state, config, split, mesh, predict_fn=predict_fn,
+                              should_stop=should_stop)
     results = metrics.evaluate_arrays(outputs, labels, pipeline.source_names(config.data),
                                       aus=config.data.aus, prefix=split)
     if threshold_split:
         tune_outputs, tune_labels = predict(model, state, config, threshold_split, mesh,
-                                            predict_fn=predict_fn)
+                                            predict_fn=predict_fn, should_stop=should_stop)
         results.update(metrics.tuned_au_metrics(tune_outputs, tune_labels, outputs, labels,
                                                 aus=config.data.aus, prefix=split))
     return results
@@ -112,13 +129,19 @@ def format_table(results: dict[str, float], split: str) -> str:
     return "\n".join(lines)
 
 
-def format_tuned(results: dict[str, float], split: str) -> str:
-    """The line for AU metrics at validation-tuned thresholds ('' when not computed)."""
+def format_tuned(results: dict[str, float], split: str, threshold_split: str) -> str:
+    """The line for AU metrics at thresholds tuned on another split ('' when not computed)."""
     key = f"{split}/au_tuned_mean_f1"
     if key not in results:
         return ""
-    return (f"AU mean F1 at per-AU thresholds tuned on the evaluation split: {results[key]:.4f} "
+    return (f"AU mean F1 at per-AU thresholds tuned on {threshold_split!r}: {results[key]:.4f} "
             f"(accuracy {results[f'{split}/au_tuned_accuracy']:.4f})")
+
+
+def format_report(results: dict[str, float], split: str, threshold_split: str | None) -> str:
+    """The table, and the tuned-threshold line when there is one."""
+    tuned = format_tuned(results, split, threshold_split) if threshold_split else ""
+    return format_table(results, split) + (f"\n{tuned}" if tuned else "")
 
 
 def format_summary(results: dict[str, float], split: str) -> str:
@@ -128,35 +151,84 @@ def format_summary(results: dict[str, float], split: str) -> str:
     return f"{split}: " + ", ".join(parts)
 
 
-def evaluate_workdir(workdir: str | Path, split: str | None = None,
-                     step: int | None = None) -> dict[str, Any]:
-    """Re-evaluates a checkpoint of the run in `workdir` (default: the latest).
+def checkpoint_config(workdir: str | Path,
+                      step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """The config stored with a run's checkpoint of `step` (default: the latest), and the step.
 
-    Writes `workdir/eval/{split}_step{N}.json`, prints the table, and returns the metrics.
+    Raises:
+      UserError: `workdir` holds no checkpoint, or none of `step` (the message lists the steps
+        there are).
     """
     workdir = Path(workdir)
-    config = checkpointing.load_config(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: no such directory")
+    steps = checkpointing.saved_steps(workdir)
+    if not steps:
+        raise UserError(f"{checkpointing.checkpoint_dir(workdir)}: no checkpoint to evaluate; is "
+                        f"{workdir} the work directory of a run that saved one?")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"--step {step}: the run in {workdir} has no checkpoint of that step; "
+                        f"it has {', '.join(map(str, steps))}")
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        return checkpointing.read_config(manager, step), step
+    finally:
+        manager.close()
+
+
+def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | None = None, *,
+                     config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+    """Re-evaluates a checkpoint of the run in `workdir` (default: the latest).
+
+    The network and its state come from the checkpoint and the config stored with it; `config`
+    (that config with evaluation settings changed, e.g. `data.eval_batch_size` or the sources'
+    evaluation splits) may replace it as long as it builds a state of the same shapes.
+
+    AU metrics at tuned thresholds are reported when the run tunes them and the thresholds'
+    split (`train.eval_split`) is not the split being scored, since thresholds tuned on the
+    scored split would flatter it.
+
+    Writes `workdir/eval/{split}_step{N}.json`, prints the table, and returns the metrics.
+
+    Raises:
+      UserError: no such checkpoint or split; a config that does not fit the checkpoint.
+    """
+    workdir = Path(workdir)
+    saved, step = checkpoint_config(workdir, step)
+    if config is None:
+        config = saved
+    else:
+        config_checks.validate(config)
+        problem = config_checks.shape_change(saved, config, step)
+        if problem:
+            raise ConfigError(problem, header="these overrides do not fit the checkpoint")
+        for difference in config_checks.differences(saved, config):
+            log.info("evaluating with %s", config_checks.format_difference(*difference))
     split = split or config.train.test_split
+    config_checks.check_split(config, split, what="--split")
+    threshold_split = None
+    if config.train.tune_au_thresholds:
+        if config.train.eval_split == split:
+            log.info("AU thresholds are tuned on %r, the split being scored: only the metrics at "
+                     "threshold 0.5 are reported", split)
+        else:
+            threshold_split = config.train.eval_split
     mesh = parallel.create_mesh()
     model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
     manager = checkpointing.create_manager(workdir, read_only=True)
     try:
-        restored = checkpointing.restore(manager, abstract, step=step)
+        state, step = checkpointing.restore(manager, abstract, step=step)
     finally:
         manager.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir / checkpointing.CHECKPOINT_DIR}: no checkpoint to "
-                                f"evaluate")
-    state, step = restored
-    results = evaluate(model, state, config, split, mesh,
-                       threshold_split=config.train.eval_split if config.train.tune_au_thresholds
-                       else None)
+    results = evaluate(model, state, config, split, mesh, threshold_split=threshold_split)
     results["step"] = float(step)
     if jax.process_index() == 0:
         out = workdir / "eval" / f"{split}_step{step}.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(results, indent=2, sort_keys=True))
-        log.info("checkpoint of step %d on %r:\n%s\n%s", step, split,
-                 format_table(results, split), format_tuned(results, split))
+        log.info("checkpoint of step %d on %r:\n%s", step, split,
+                 format_report(results, split, threshold_split))
         log.info("metrics written to %s", out.absolute())
     return results

@@ -1,45 +1,169 @@
 """The `fbnet` command.
 
   fbnet train [--config FILE[:VARIANT]] [--workdir DIR] [--config.FIELD=VALUE ...]
-      Trains and evaluates; with no flags, the embedded synthetic experiment
-      (configs/synthetic.py) in a new folder under runs/. A run restarted with the same
-      --workdir continues from its latest checkpoint.
-  fbnet eval --workdir DIR [--split SPLIT] [--step N]
-      Re-evaluates the latest (or given) checkpoint of a run with the config it was trained with.
+              [--allow_config_change]
+      Trains and evaluates; with no flags, the embedded synthetic experiment (configs/synthetic.py)
+      in a new folder under runs/. A run restarted with the same --workdir continues from its
+      latest checkpoint; SIGTERM or Ctrl-C saves a checkpoint and stops (Ctrl-C twice: at once).
+  fbnet eval --workdir DIR [--split SPLIT] [--step N] [--config.FIELD=VALUE ...]
+      Re-evaluates the latest (or given) checkpoint of a run with the config stored in it;
+      --config.FIELD=VALUE changes evaluation settings (e.g. data.eval_batch_size).
+
+FILE is a path or the name of a shipped config (`synthetic`). Add --debug (or set FBNET_DEBUG=1)
+to see the traceback of an error. Exit status: 0 done; 1 failed (e.g. the training diverged);
+2 a mistake in the command or config (nothing was changed); 75 stopped before the end with a
+checkpoint saved (run the same command again to continue); 130 interrupted at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import difflib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
+from fbnet_jax import config_files, logs
+from fbnet_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "Experiment config file (FILE or FILE:VARIANT).",
-    lock_config=True)
+COMMANDS = ("train", "eval")
+EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Work directory of the run (train: default runs/<name>-<time>).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the config's "
                              "train.test_split).")
 _STEP = flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the latest).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "train: continue a run although its config changed in fields "
+    "that change the training (learning rate, steps, data, ...).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
+
+log = logging.getLogger("fbnet_jax.main")
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"fbnet: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _debug(argv: list[str]) -> bool:
+    return (os.environ.get("FBNET_DEBUG", "") not in ("", "0")
+            or any(a in ("--debug", "-debug", "--debug=true", "--debug=1") for a in argv))
+
+
+def _option_value(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Takes `--name VALUE` / `--name=VALUE` out of argv; returns (VALUE or None, the rest)."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in (f"--{name}", f"-{name}"):
+            if i + 1 >= len(argv):
+                raise UserError(f"--{name} needs a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith((f"--{name}=", f"-{name}=")):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def _config_paths(config, prefix: str = "") -> list[str]:
+    paths = []
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys") and not isinstance(value, (str, bytes)):
+            paths.extend(_config_paths(value, f"{prefix}{key}."))
+        else:
+            paths.append(f"{prefix}{key}")
+    return paths
+
+
+def _check_overrides(argv: list[str], config) -> None:
+    """Names a misspelt `--config.FIELD` in one line, with the closest fields."""
+    known = _config_paths(config)
+    for arg in argv:
+        for flag in ("--config.", "-config.", "--noconfig.", "-noconfig."):
+            if arg.startswith(flag):
+                path = arg[len(flag):].split("=", 1)[0]
+                if path not in known:
+                    close = difflib.get_close_matches(path, known, n=3, cutoff=0.8)
+                    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                    raise UserError(f"--config.{path}: the config has no field {path!r}{hint}")
+
+
+def _command(argv: list[str]) -> str:
+    """The command word: the first argument that is neither a flag nor a flag's value."""
+    try:
+        rest = flags.FLAGS(argv, known_only=True)[1:]  # consumes --workdir DIR etc.
+    except flags.Error as e:
+        raise UserError(str(e)) from e
+    words, previous = [], ""
+    for arg in rest:
+        if not arg.startswith("-"):
+            # `--config.FIELD VALUE`: the value of an override, not a word.
+            is_value = previous.startswith(("--config.", "-config.")) and "=" not in previous
+            if not is_value or (not words and arg in COMMANDS):
+                words.append(arg)
+        previous = arg
+    if not words or words[0] not in COMMANDS:
+        got = f" (got {words[0]!r})" if words else ""
+        raise UserError(f"usage: fbnet {{{'|'.join(COMMANDS)}}} [flags]{got}; see fbnet --help")
+    if len(words) > 1:
+        raise UserError(f"unexpected argument {words[1]!r} (flags are written --name=value)")
+    return words[0]
+
+
+def _parse(argv: list[str]) -> tuple[str, object]:
+    """Defines the `--config` flag for the command and parses every flag.
+
+    train: the config comes from --config FILE[:VARIANT] (default: the shipped synthetic one).
+    eval: it is the config stored with the checkpoint being evaluated (--workdir, --step).
+    In both, `--config.FIELD=VALUE` overrides are checked against that config.
+    """
+    spec, argv = _option_value(argv, "config")
+    command = _command(argv)
+    if command == "train":
+        config = config_files.load(spec or config_files.DEFAULT)
+    else:
+        if spec is not None:
+            raise UserError("fbnet eval evaluates with the config stored in the checkpoint; it "
+                            "takes no --config FILE (change a field with --config.FIELD=VALUE)")
+        if not _WORKDIR.value:
+            raise UserError("fbnet eval needs --workdir (the folder of a training run)")
+        from fbnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+        logs.quiet_libraries()
+        config, _ = evaluate.checkpoint_config(_WORKDIR.value, _STEP.value)
+    _check_overrides(argv, config)
+    holder = config_flags.DEFINE_config_dict(
+        "config", config, "The experiment config; override its fields with --config.FIELD=VALUE.",
+        lock_config=True, sys_argv=argv)
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from e
+    misplaced = {"train": ("split", "step"), "eval": ("allow_config_change",)}[command]
+    given = [f"--{name}" for name in misplaced if flags.FLAGS[name].present]
+    if given:
+        raise UserError(f"{' and '.join(given)}: not a flag of fbnet {command}")
+    return command, holder.value
 
 
 def _setup_logging() -> None:
-    """Plain `HH:MM:SS message` lines instead of absl's verbose prefix."""
-    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    absl_logging.get_absl_handler().setFormatter(
-        logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    absl_logging.set_verbosity(absl_logging.INFO)
-    # Third-party INFO chatter (orbax, grain) would drown the progress lines.
-    for name in ("absl", "orbax", "grain", "jax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Plain `HH:MM:SS message` lines on stderr (warnings named), INFO and above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.console_formatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logs.quiet_libraries()
 
 
 def _default_workdir(name: str) -> Path:
@@ -47,30 +171,43 @@ def _default_workdir(name: str) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: fbnet {{{'|'.join(COMMANDS)}}} [flags]; see fbnet --help")
-    _setup_logging()
+def main(command: str, config) -> int:
+    """Runs a parsed command with its config; returns the exit status."""
     # Imported after flag parsing so that `fbnet --help` stays fast.
     from fbnet_jax import evaluate, train  # pylint: disable=g-import-not-at-top
-    if argv[1] == "train":
-        config = _CONFIG.value
+    if command == "train":
         workdir = Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir(config.name)
-        print(f"work directory: {workdir}", flush=True)
-        train.train_and_evaluate(config, workdir)
-        print(f"done; results in {workdir / 'metrics.json'}", flush=True)
+        try:
+            train.train_and_evaluate(config, workdir,
+                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        except train.TrainingStopped:  # its line is logged already
+            return EXIT_STOPPED
     else:
-        if not _WORKDIR.value:
-            raise app.UsageError("fbnet eval needs --workdir (the folder of a training run)")
-        evaluate.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value)
+        evaluate.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
+                                  config=config)
+    return 0
 
 
-def run() -> None:
-    """Console entry point."""
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes and failures end in one line, not a traceback."""
+    argv = list(sys.argv if argv is None else argv)
     # absl's --help shows the __main__ module's docstring; under the console script __main__ is
     # the generated wrapper, so lend it this module's.
     sys.modules["__main__"].__doc__ = __doc__
-    app.run(main, argv=sys.argv)
+    debug = _debug(argv)
+    if any(a in HELP_FLAGS for a in argv):
+        app.run(lambda _: None, argv=argv[:1] + [a for a in argv[1:] if a in HELP_FLAGS])
+    _setup_logging()
+    try:
+        command, config = _parse(argv)
+        status = main(command, config)
+    except (UserError, FloatingPointError, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            _fail("interrupted", EXIT_INTERRUPTED)
+        _fail(str(e), EXIT_USAGE if isinstance(e, UserError) else EXIT_FAILED)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

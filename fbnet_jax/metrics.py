@@ -1,6 +1,6 @@
 """Evaluation metrics (exact numpy maths) and the running means of the train log.
 
-The metric functions (DESIGN.md section 6) take whole evaluation sets as numpy arrays and use only
+Metric functions (docs/design.md#metrics) take whole evaluation sets as numpy arrays and use only
 the examples whose mask is 1. Each returns a dict of python numbers (plus the confusion matrix,
 an array); `flatten` turns one into the flat `metrics.json` keys, and `evaluate_arrays` computes
 every task on a whole set and on each of its sources. A task without any labelled example in a
@@ -28,7 +28,7 @@ from fbnet_jax import taxonomy
 DEFAULT_AU_NAMES: tuple[str, ...] = tuple(f"AU{n}" for n in taxonomy.AUS)
 VA_NAMES: tuple[str, str] = ("valence", "arousal")
 
-# Weights of the Aff-Wild2 challenge scores (shared/reference/paper.md, "Metrics").
+# Weights of the Aff-Wild2 challenge scores (docs/paper.md#metrics-used-in-the-literature).
 EXPRESSION_SCORE_F1_WEIGHT = 0.67
 EXPRESSION_SCORE_ACCURACY_WEIGHT = 0.33
 AU_SCORE_F1_WEIGHT = 0.5
@@ -376,6 +376,28 @@ def confusion_matrices(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np
                 matrices[f"{key}/{task}"] = confusion_matrix(
                     batch[task], np.argmax(logits, axis=-1), mask, logits.shape[-1])
     return matrices
+
+
+def metric_names(source_names: Sequence[str], aus: Sequence[int] = taxonomy.AUS,
+                 prefix: str = "test") -> tuple[str, ...]:
+    """Every key `evaluate_arrays` can return for these sources and AUs, sorted.
+
+    Computed by `evaluate_arrays` itself on a made-up set in which every source labels every
+    task, so the names can never drift from the metrics. A real split returns a subset: a task
+    nobody in a subset labels has no key there. Used to check a configured metric name
+    (`train.best_metric`) before a run starts.
+    """
+    n, num_aus = len(source_names), len(aus)
+    rows = np.arange(2 * n)
+    batch = {
+        "expression": rows % len(taxonomy.EXPRESSIONS), "expression_mask": np.ones(2 * n),
+        "au": (rows[:, None] + np.arange(num_aus)) % 2.0, "au_mask": np.ones((2 * n, num_aus)),
+        "va": np.stack([rows, -rows], axis=1) / (2.0 * n), "va_mask": np.ones(2 * n),
+        "source": rows % n, "valid": np.ones(2 * n),
+    }
+    outputs = {"expression_logits": np.zeros((2 * n, len(taxonomy.EXPRESSIONS))),
+               "au_logits": np.zeros((2 * n, num_aus)), "va": np.zeros((2 * n, 2))}
+    return tuple(sorted(evaluate_arrays(outputs, batch, source_names, aus, prefix)))
 
 
 @flax.struct.dataclass

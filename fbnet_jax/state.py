@@ -12,6 +12,9 @@ import optax
 
 from fbnet_jax import models, parallel
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")  # after a linear warm-up from 0
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -37,14 +40,14 @@ def create_optimizer(opt_config: ml_collections.ConfigDict,
             [optax.linear_schedule(0.0, opt_config.learning_rate, max(warmup, 1)),
              optax.constant_schedule(opt_config.learning_rate)], [warmup])
     else:
-        raise ValueError(f"unknown schedule {opt_config.schedule!r}; use 'cosine' or 'constant'")
+        raise ValueError(f"unknown schedule {opt_config.schedule!r}; known: {SCHEDULES}")
     if opt_config.name == "adamw":
         tx = optax.adamw(schedule, b1=opt_config.momentum, weight_decay=opt_config.weight_decay)
     elif opt_config.name == "sgd":
         tx = optax.chain(optax.add_decayed_weights(opt_config.weight_decay),
                          optax.sgd(schedule, momentum=opt_config.momentum))
     else:
-        raise ValueError(f"unknown optimizer {opt_config.name!r}; use 'adamw' or 'sgd'")
+        raise ValueError(f"unknown optimizer {opt_config.name!r}; known: {OPTIMIZERS}")
     if opt_config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
     return tx, schedule

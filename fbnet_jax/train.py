@@ -4,13 +4,24 @@ The step is a pure function `train_step(state, batch) -> (state, metrics)` compi
 over a mesh of all devices (fbnet_jax.parallel); the loop around it feeds global batches, logs,
 evaluates, and checkpoints the state together with the data iterator, so a run restarted in the
 same work directory continues on exactly the batch where it stopped.
+
+The lifecycle of a run (docs/design.md#runtime):
+- the config is validated as a whole, and a restart is checked against the config stored in the
+  run's latest checkpoint, before anything is written;
+- SIGTERM and SIGINT (Ctrl-C) finish the current step (or abandon the current evaluation), save a
+  checkpoint and raise `TrainingStopped`; a second Ctrl-C quits at once;
+  `train.stop_after_steps` ends an invocation the same way;
+- no checkpoint holds a NaN or an infinity (`checkpointing.save` refuses them);
+- every log line is appended to `workdir/train.log`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -23,8 +34,9 @@ import optax
 import tensorboardX
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, evaluate, losses, parallel
+from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel
 from fbnet_jax import metrics as metrics_lib
+from fbnet_jax.errors import ConfigError, UserError
 from fbnet_jax.state import TrainState, create_state
 
 log = logging.getLogger(__name__)
@@ -56,29 +68,6 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mappi
     return train_step
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so the run checkpoints and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):  # pylint: disable=unused-argument
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -94,66 +83,239 @@ def _write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
         writer.flush()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+
+
+class TrainingStopped(Exception):
+    """The run stopped before its end, with its state checkpointed; run again to continue.
+
+    Attributes:
+      step: the step of the last checkpoint (where a restart continues).
+      num_steps: the run's `train.num_steps`.
+      reason: what stopped it: "SIGTERM", "SIGINT" or "train.stop_after_steps".
+      trained: True when every step was made and only the final evaluation is missing.
+    """
+
+    def __init__(self, step: int, num_steps: int, reason: str, workdir: Path, *,
+                 trained: bool = False):
+        self.step, self.num_steps, self.reason, self.trained = step, num_steps, reason, trained
+        what = (f"the final evaluation was interrupted ({reason}); training is complete "
+                f"(step {step})" if trained else
+                f"stopped at step {step} of {num_steps} ({reason}); checkpoint saved")
+        super().__init__(f"{what}; run the same command again (same --workdir {workdir}) to "
+                         f"continue")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT set a flag that the loop and the evaluations check.
+
+    The run then saves a checkpoint and stops. A second SIGINT (Ctrl-C pressed twice) quits at
+    once with status 130 and no checkpoint: a save in progress is then left as a temporary
+    directory that orbax ignores, so the checkpoints before it stay intact. Further SIGTERMs are
+    ignored, since launchers and schedulers may deliver one signal twice.
+
+    The handler itself logs nothing (a signal can arrive while the main thread is inside a
+    logging call, and logging is not reentrant): `requested()`, called from the loop, announces
+    the request; the second Ctrl-C writes its line with plain `os.write`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log_file: Path | None = None):
+        self.reason: str | None = None
+        self._announced = False
+        self._log_file = log_file
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        try:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self) -> bool:
+        if self.reason is not None and not self._announced:
+            self._announced = True
+            log.warning("%s received: saving a checkpoint and stopping%s", self.reason,
+                        " (press Ctrl-C again to quit at once, losing the steps since the last "
+                        "checkpoint)" if self.reason == "SIGINT" else "")
+        return self.reason is not None
+
+    def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+        elif signum == signal.SIGINT:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            line = "WARNING: second SIGINT: quitting now, without a checkpoint\n"
+            os.write(2, f"{stamp[11:]} {line}".encode())
+            if self._log_file is not None:
+                with contextlib.suppress(OSError):
+                    fd = os.open(self._log_file, os.O_WRONLY | os.O_APPEND)
+                    os.write(fd, f"{stamp} {line}".encode())
+                    os.close(fd)
+            os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       allow_config_change: bool = False) -> dict[str, float]:
     """Trains, evaluates periodically and at the end, and returns the final test metrics.
 
-    Leaves in `workdir`: `config.json`, `checkpoints/` (orbax), `tensorboard/` (event files) and
-    `metrics.json` (flat, the final evaluation on `config.train.test_split`).
+    Leaves in `workdir`: `config.json`, `train.log`, `checkpoints/` (orbax), `tensorboard/`
+    (event files) and `metrics.json` (flat, the final evaluation on `config.train.test_split`).
+    A work directory with checkpoints is continued from its latest one; a finished run is not
+    trained again (its final metrics are returned, or computed if they are missing).
+
+    Args:
+      config: the experiment config (locked ConfigDict).
+      workdir: the run's directory; created if needed.
+      allow_config_change: continue a run with a config whose training-relevant fields differ
+        from its checkpoint's (see `config_checks.check_restart`).
 
     Raises:
-      FloatingPointError: the loss became NaN or infinite; the last good checkpoint is kept.
+      ConfigError: the config is invalid, or cannot (or may not) continue the run in `workdir`;
+        nothing was written.
+      UserError: the work directory cannot be created.
+      TrainingStopped: SIGTERM, SIGINT or `train.stop_after_steps` ended the invocation early; a
+        checkpoint was saved.
+      FloatingPointError: the loss or the parameters became NaN or infinite; the last good
+        checkpoint is kept.
     """
     workdir = Path(workdir)
+    warnings = config_checks.validate(config)
+    notes, latest = _check_workdir(config, workdir, allow_config_change)
+    is_main = jax.process_index() == 0
+    if is_main:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the work directory {workdir}: "
+                            f"{e.strerror or e}") from e
+    with logs.to_file(workdir) if is_main else contextlib.nullcontext() as log_file:
+        log.info("work directory: %s", workdir.absolute())
+        for warning in warnings:
+            log.warning("%s", warning)
+        for note in notes:
+            log.info("%s", note)
+        with StopSignals(log_file) as stop:
+            outcome = _run(config, workdir, latest, stop)
+        if isinstance(outcome, TrainingStopped):
+            log.info("%s", outcome)
+    if isinstance(outcome, TrainingStopped):
+        raise outcome
+    return outcome
+
+
+def _check_workdir(config, workdir: Path, allow_config_change: bool) -> tuple[list[str], int | None]:
+    """Reads (never writes) the run in `workdir`: its latest step, and checks the restart.
+
+    Returns:
+      (notes for the log, the latest checkpoint step or None for a new run).
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a directory")
+    steps = checkpointing.saved_steps(workdir)
+    if not steps:
+        return [], None
+    latest = steps[-1]
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        saved = checkpointing.read_config(manager, latest)
+    finally:
+        manager.close()
+    notes = config_checks.check_restart(saved, config, step=latest,
+                                        allow_changes=allow_config_change,
+                                        what=f"the run in {workdir}")
+    if latest > config.train.num_steps:
+        raise ConfigError(f"train.num_steps is {config.train.num_steps}, but the run in {workdir} "
+                          f"is at step {latest} already")
+    return notes, latest
+
+
+def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
+    """Builds everything, restores, trains, evaluates; returns metrics or a TrainingStopped."""
     is_main = jax.process_index() == 0
     mesh = parallel.create_mesh()
-    parallel.check_batch_size(config.data.global_batch_size, mesh)
-    parallel.check_batch_size(config.data.eval_batch_size, mesh, "eval batch size")
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        saved = workdir / "config.json"
-        if saved.exists():  # a restart: changed shapes would fail the restore below
-            changes = checkpointing.config_differences(json.loads(saved.read_text()),
-                                                       json.loads(config.to_json()))
-            if changes:
-                log.warning("the config differs from the one %s was run with: %s", workdir,
-                            "; ".join(changes))
-        saved.write_text(config.to_json(indent=2))
-    log.info("work directory: %s", workdir.absolute())
     log.info("devices: %d x %s over %d process(es)", jax.device_count(),
              jax.devices()[0].device_kind, jax.process_count())
-
     model, tx, schedule, state = create_state(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s, %.2fM parameters", config.model.backbone, num_params / 1e6)
-    train_step = jax.jit(make_train_step(model, tx, config.loss.weights), donate_argnums=0,
-                         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
-
     train_cfg = config.train
     manager = checkpointing.create_manager(
         workdir, max_to_keep=train_cfg.max_checkpoints_to_keep,
         best_metric=train_cfg.best_metric or None, best_mode=train_cfg.best_mode)
-    data_iterator = pipeline.build_train_iterator(config)
-    writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_main else None
     try:
-        restored = checkpointing.restore(manager, checkpointing.abstract_like(state),
-                                         data_iterator=data_iterator)
-        if restored is not None:
-            state, step = restored
-            log.info("resumed from the checkpoint of step %d", step)
-        final = _train_loop(config, workdir, mesh, model, state, train_step, schedule, manager,
-                            data_iterator, writer)
+        if latest is not None and latest == train_cfg.num_steps:
+            return _finished_run(config, workdir, mesh, model, state, manager, latest, stop)
+        train_step = jax.jit(make_train_step(model, tx, config.loss.weights), donate_argnums=0,
+                             out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+        data_iterator = pipeline.build_train_iterator(config)
+        writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_main else None
+        try:
+            if latest is not None:
+                state, _ = checkpointing.restore(manager, checkpointing.abstract_like(state),
+                                                 step=latest, data_iterator=data_iterator)
+                log.info("resumed from the checkpoint of step %d", latest)
+            elif is_main:
+                log.info("no checkpoint in %s: starting at step 0", workdir)
+            if is_main:  # only now: a restart that failed has not replaced the run's config
+                (workdir / "config.json").write_text(config.to_json(indent=2))
+            return _train_loop(config, workdir, mesh, model, state, train_step, schedule,
+                               manager, data_iterator, writer, stop)
+        finally:
+            pipeline.close_iterator(data_iterator)
+            if writer is not None:
+                writer.close()
     finally:
         manager.wait_until_finished()
         manager.close()
-        pipeline.close_iterator(data_iterator)
-        if writer is not None:
-            writer.close()
+
+
+def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
+    """A restart of a run whose training is complete: its final metrics, computed if missing."""
+    saved = Path(workdir) / "metrics.json"
+    split = config.train.test_split
+    if saved.exists():
+        metrics = json.loads(saved.read_text())
+        if metrics.get("step") == step:
+            log.info("the run is complete (step %d of %d); its final evaluation (%s):\n%s",
+                     step, config.train.num_steps, saved.absolute(), evaluate.format_report(
+                         metrics, split, config.train.eval_split))
+            log.info("to evaluate it again or on another split: fbnet eval --workdir %s", workdir)
+            return metrics
+    log.info("the run finished training (step %d) but has no final evaluation: evaluating now",
+             step)
+    state, _ = checkpointing.restore(manager, checkpointing.abstract_like(state), step=step)
+    return _final_evaluation(config, workdir, mesh, model, state, step, None, stop)
+
+
+def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fn=None):
+    train_cfg = config.train
+    threshold_split = train_cfg.eval_split if train_cfg.tune_au_thresholds else None
+    try:
+        final = evaluate.evaluate(model, state, config, train_cfg.test_split, mesh,
+                                  threshold_split=threshold_split, predict_fn=predict_fn,
+                                  should_stop=stop.requested)
+    except evaluate.Interrupted:
+        return TrainingStopped(step, train_cfg.num_steps, stop.reason, workdir, trained=True)
+    final["step"] = float(step)
+    _write_scalars(writer, step, final)
+    if jax.process_index() == 0:
+        (Path(workdir) / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+    log.info("final evaluation on %r (step %d):\n%s", train_cfg.test_split, step,
+             evaluate.format_report(final, train_cfg.test_split, threshold_split))
+    log.info("finished; metrics written to %s", Path(workdir).absolute() / "metrics.json")
     return final
 
 
 def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manager, data_iterator,
-                writer) -> dict[str, float]:
-    """The loop of `train_and_evaluate`; returns the final test metrics ({} if stopped early)."""
+                writer, stop: StopSignals):
+    """The loop of `train_and_evaluate`: final metrics, or a TrainingStopped to raise."""
     train_cfg = config.train
     num_steps = train_cfg.num_steps
     batch_size = config.data.global_batch_size
@@ -164,9 +326,10 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     names = pipeline.source_names(config.data)
     seen = np.zeros(len(names), np.int64)  # this process's examples per source since the log
     predict_fn = evaluate.make_predict_fn(model)  # compiled once for every evaluation
-    last_good_checkpoint = manager.latest_step()
+    last_checkpoint = manager.latest_step()
     interval_start, interval_step = time.perf_counter(), step
     steps_per_second = 0.0
+    best_metric_missing_warned = False
 
     def flush(step: int) -> dict[str, float]:
         """Checks and logs the metrics accumulated since the last flush."""
@@ -183,7 +346,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         if bad:
             raise FloatingPointError(
                 f"non-finite {', '.join(bad)} between steps {interval_step} and {step}; the last "
-                f"good checkpoint (step {last_good_checkpoint}) is kept. Lower "
+                f"good checkpoint (step {last_checkpoint}) is kept. Lower "
                 f"optimizer.learning_rate or check the data.")
         now = time.perf_counter()
         if step > interval_step:  # else only the compilation step ran since the last flush
@@ -203,62 +366,69 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         return scalars
 
     def checkpoint(step: int, metrics: Mapping[str, float] | None) -> None:
-        nonlocal last_good_checkpoint
+        nonlocal last_checkpoint
         flush(step)  # never checkpoint a state whose losses were not checked
         best = train_cfg.best_metric
         kept = {best: metrics[best]} if metrics and best and best in metrics else None
-        checkpointing.save(manager, step, state, config=config, data_iterator=data_iterator,
-                           metrics=kept)
-        last_good_checkpoint = step
+        try:
+            checkpointing.save(manager, step, state, config=config, data_iterator=data_iterator,
+                               metrics=kept)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; the training diverged at or before step {step}. The "
+                                     f"last good checkpoint (step {last_checkpoint}) is kept. "
+                                     f"Lower optimizer.learning_rate or check the data.") from e
+        last_checkpoint = step
 
-    with _Preemption() as preemption:
-        first_step = True
-        while step < stop_at:
-            local_batch = next(data_iterator)
-            seen += pipeline.source_counts(local_batch, len(names))
-            batch = parallel.global_batch(local_batch, mesh)
-            state, step_metrics = train_step(state, batch)
-            step += 1
-            if first_step:  # keep compilation out of the throughput numbers
-                jax.block_until_ready(step_metrics)
-                log.info("first step (compilation included) took %.1fs",
-                         time.perf_counter() - interval_start)
-                first_step = False
-                interval_start, interval_step = time.perf_counter(), step
-            running = running.merge(metrics_lib.MeanScalars.from_step(step_metrics))
-            if step % train_cfg.log_every == 0:
-                flush(step)
-            eval_metrics = None
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < num_steps:
-                flush(step)
+    first_step = True
+    eval_metrics = None
+    while step < stop_at and not stop.requested():
+        local_batch = next(data_iterator)
+        seen += pipeline.source_counts(local_batch, len(names))
+        batch = parallel.global_batch(local_batch, mesh)
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        if first_step:  # keep compilation out of the throughput numbers
+            jax.block_until_ready(step_metrics)
+            log.info("first step (compilation included) took %.1fs",
+                     time.perf_counter() - interval_start)
+            first_step = False
+            interval_start, interval_step = time.perf_counter(), step
+        running = running.merge(metrics_lib.MeanScalars.from_step(step_metrics))
+        if step % train_cfg.log_every == 0:
+            flush(step)
+        eval_metrics = None
+        if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < num_steps:
+            flush(step)
+            try:
                 eval_metrics = evaluate.evaluate(model, state, config, train_cfg.eval_split,
-                                                 mesh, predict_fn=predict_fn)
+                                                 mesh, predict_fn=predict_fn,
+                                                 should_stop=stop.requested)
+            except evaluate.Interrupted:
+                log.info("evaluation at step %d abandoned", step)
+            else:
                 _write_scalars(writer, step, eval_metrics)
                 log.info("%s", evaluate.format_summary(eval_metrics, train_cfg.eval_split))
-                interval_start = time.perf_counter()
-            if preemption.requested:
-                checkpoint(step, eval_metrics)
-                log.info("stopped at step %d on SIGTERM; restart with the same --workdir to "
-                         "continue", step)
-                return {}
-            if step % train_cfg.checkpoint_every == 0 or step == stop_at:
-                checkpoint(step, eval_metrics)
-        flush(step)
+                best = train_cfg.best_metric
+                if best and best not in eval_metrics and not best_metric_missing_warned:
+                    log.warning("train.best_metric %r is not among the metrics of this "
+                                "evaluation (nothing labelled for it?): no best checkpoint is "
+                                "kept", best)
+                    best_metric_missing_warned = True
+            interval_start = time.perf_counter()
+        if stop.requested():
+            break
+        # An evaluated step is checkpointed when a best checkpoint is kept, so the best is never
+        # lost to the checkpoint cadence.
+        if (step % train_cfg.checkpoint_every == 0 or step == stop_at
+                or (eval_metrics and train_cfg.best_metric in eval_metrics)):
+            checkpoint(step, eval_metrics)
+    flush(step)
+    if step != last_checkpoint:  # stopped by a signal between checkpoints
+        checkpoint(step, eval_metrics)
+    if stop.requested():
+        manager.wait_until_finished()
+        return TrainingStopped(step, num_steps, stop.reason, workdir)
     if step < num_steps:
-        log.info("stopped after %d steps (train.stop_after_steps); restart with the same "
-                 "--workdir to continue", train_cfg.stop_after_steps)
-        return {}
-
-    final = evaluate.evaluate(
-        model, state, config, train_cfg.test_split, mesh,
-        threshold_split=train_cfg.eval_split if train_cfg.tune_au_thresholds else None,
-        predict_fn=predict_fn)
-    final["step"] = float(step)
-    _write_scalars(writer, step, final)
-    if jax.process_index() == 0:
-        (Path(workdir) / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-    log.info("final evaluation on %r (step %d):\n%s\n%s", train_cfg.test_split, step,
-             evaluate.format_table(final, train_cfg.test_split),
-             evaluate.format_tuned(final, train_cfg.test_split))
-    log.info("metrics written to %s", Path(workdir).absolute() / "metrics.json")
-    return final
+        manager.wait_until_finished()
+        return TrainingStopped(step, num_steps, "train.stop_after_steps", workdir)
+    return _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fn)

@@ -75,9 +75,34 @@ def test_load_config(tmp_path):
     assert json.loads(_config().to_json())["name"] == "x"
 
 
-def test_config_differences():
-    before = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
-    after = {"a": {"b": 2, "c": [1, 2]}, "e": 3, "d": "x"}
-    assert checkpointing.config_differences(before, after) == [
-        "a.b: 1 -> 2", "e: '<absent>' -> 3"]
-    assert checkpointing.config_differences(before, before) == []
+def test_a_state_holding_nan_or_inf_is_never_checkpointed(tmp_path):
+    manager = checkpointing.create_manager(tmp_path)
+    checkpointing.save(manager, 1, _state(1), config=_config())
+    for bad in (float("nan"), float("inf")):
+        state = {"w": jnp.array([1.0, bad, 2.0]), "step": jnp.asarray(2, jnp.int32),
+                 "opt": {"mu": jnp.zeros(2)}}
+        with pytest.raises(FloatingPointError, match=r"refusing to checkpoint step 2: the train "
+                                                     r"state holds NaN or infinite values in w$"):
+            checkpointing.save(manager, 2, state, config=_config())
+    manager.wait_until_finished()
+    assert manager.all_steps() == [1]
+    manager.close()
+
+
+def test_non_finite_leaves_names_every_bad_leaf():
+    state = {"params": {"a": jnp.array([jnp.nan]), "b": jnp.ones(3)},
+             "opt": [jnp.array([jnp.inf, 0.0])], "count": jnp.asarray(3)}
+    assert checkpointing.non_finite_leaves(state) == ["opt/0", "params/a"]
+    assert checkpointing.non_finite_leaves({"x": jnp.ones(2)}) == []
+
+
+def test_a_checkpoint_carries_its_config(tmp_path):
+    manager = checkpointing.create_manager(tmp_path)
+    checkpointing.save(manager, 3, _state(3), config=_config())
+    manager.wait_until_finished()
+    config = checkpointing.read_config(manager, 3)
+    manager.close()
+    assert config.train.widths == (8, 16) and config.name == "x"
+    assert checkpointing.saved_steps(tmp_path) == [3]
+    assert checkpointing.saved_steps(tmp_path / "nothing") == []
+    assert not (tmp_path / "nothing").exists()  # looking creates nothing

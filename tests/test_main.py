@@ -7,13 +7,16 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 
 
-def _fbnet(*args, **kwargs):
+def _fbnet(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "FBNET_DEBUG"}
+    env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "fbnet_jax.main", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_train_then_eval_from_the_command_line(tmp_path):
@@ -35,30 +38,179 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert again["test/expression_accuracy"] == results["test/expression_accuracy"]
 
 
-def test_unknown_command_and_missing_workdir_are_usage_errors():
-    for args in (["fit"], ["eval"]):
-        process = _fbnet(*args)
-        out, _ = process.communicate(timeout=120)
-        assert process.returncode != 0
-        assert "usage" in out.lower() or "workdir" in out
-
-
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    workdir = tmp_path / "run"
-    process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                     "--config.train.num_steps=100000", "--config.train.eval_every=0",
-                     "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
-    lines = []
-    deadline = time.time() + 240
-    for line in process.stdout:  # wait until training is under way
+def _until(process, text, lines, timeout=240):
+    """Reads the process's output into `lines` until a line contains `text`."""
+    deadline = time.time() + timeout
+    for line in process.stdout:
         lines.append(line)
-        if "steps/s" in line or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)
+        if text in line or time.time() > deadline:
+            return
+
+
+def _long_run(workdir):
+    return _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
+                  "--config.train.num_steps=100000", "--config.train.eval_every=0",
+                  "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_checkpoint_and_exit_as_stopped(tmp_path, signum):
+    workdir = tmp_path / "run"
+    process = _long_run(workdir)
+    lines = []
+    _until(process, "steps/s", lines)  # training is under way
+    process.send_signal(signum)
     out, _ = process.communicate(timeout=120)
     out = "".join(lines) + out
-    assert process.returncode == 0, out
-    assert "SIGTERM" in out
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert process.returncode == 75, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    name = signal.Signals(signum).name
+    steps = _checkpoint_steps(workdir)
     assert steps and 0 < steps[-1] < 100000
+    assert out.rstrip().splitlines()[-1].endswith(
+        f"stopped at step {steps[-1]} of 100000 ({name}); checkpoint saved; run the same command "
+        f"again (same --workdir {workdir}) to continue")
     assert not (workdir / "metrics.json").exists()
+    # Every console line is in train.log too, with dates.
+    log_lines = (workdir / "train.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in log_lines] == [
+        line.split(" ", 1)[1] for line in out.splitlines() if line[:2].isdigit()]
+    assert f"WARNING: {name} received" in out
+
+
+def test_stop_after_steps_is_not_success(tmp_path):
+    workdir = tmp_path / "run"
+    process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
+                     "--config.train.stop_after_steps=2", "--config.train.eval_every=0")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 75, out
+    assert out.rstrip().splitlines()[-1].endswith(
+        "stopped at step 2 of 4 (train.stop_after_steps); checkpoint saved; run the same command "
+        f"again (same --workdir {workdir}) to continue")
+    assert _checkpoint_steps(workdir) == [2] and not (workdir / "metrics.json").exists()
+
+
+# (arguments, the error line's text after "fbnet: error: ")
+USER_ERRORS = [
+    (["train", "--config", "configs/synthetic.py:tiny", "--config.train.num_step=3"],
+     "--config.train.num_step: the config has no field 'train.num_step'; did you mean "
+     "train.num_steps?"),
+    (["train", "--config", "nothere.py"],
+     "--config nothere.py: no such file, and not a config shipped with fbnet_jax (those are: "
+     "synthetic.py)"),
+    (["train", "--config", "synthetic:huge"],
+     "--config synthetic:huge: ValueError: unknown variant 'huge' of configs/synthetic.py; use "
+     "'' or 'tiny'"),
+    (["train", "--nope"], "Unknown command line flag 'nope'"),
+    (["train", "--config.train.num_steps=abc"],
+     "flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
+    (["train", "--config", "synthetic:tiny", "--step", "3"], "--step: not a flag of fbnet train"),
+    (["fit"], "usage: fbnet {train|eval} [flags] (got 'fit'); see fbnet --help"),
+    ([], "usage: fbnet {train|eval} [flags]; see fbnet --help"),
+    (["eval"], "fbnet eval needs --workdir (the folder of a training run)"),
+    (["eval", "--workdir", "/nonexistent/run"], "--workdir /nonexistent/run: no such directory"),
+    (["eval", "--workdir", "WORKDIR", "--config", "synthetic"],
+     "fbnet eval evaluates with the config stored in the checkpoint; it takes no --config FILE "
+     "(change a field with --config.FIELD=VALUE)"),
+]
+
+
+@pytest.mark.parametrize("args, message", USER_ERRORS, ids=[" ".join(a) for a, _ in USER_ERRORS])
+def test_user_mistakes_are_one_line(tmp_path, args, message):
+    args = [str(tmp_path) if a == "WORKDIR" else a for a in args]
+    process = _fbnet(*args)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out
+    assert out.strip().splitlines() == [f"fbnet: error: {message}"]
+
+
+def test_a_config_mistake_fails_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    process = _fbnet("train", "--config", "synthetic:tiny", "--workdir", str(workdir),
+                     "--config.train.test_split=tset", "--config.model.backbone=resnet")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out
+    assert out.strip().splitlines() == [
+        "fbnet: error: invalid config:",
+        "  - train.test_split: 'tset' is not a split of affectnet_like, affwild2_like, rafdb_like "
+        "(splits every source has: test, train, validation)",
+        "  - model.backbone: unknown backbone 'resnet'; known: small_cnn, vgg_face"]
+    assert not workdir.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for args, env in ((["--debug"], {}), ([], {"FBNET_DEBUG": "1"})):
+        process = _fbnet("train", "--config", "synthetic:tiny", "--config.train.num_steps=0",
+                         "--workdir", str(tmp_path / "run"), *args, env_extra=env)
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode != 0
+        assert "Traceback" in out and "ConfigError" in out
+
+
+def test_an_unwritable_workdir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    process = _fbnet("train", "--config", "synthetic:tiny", "--workdir", str(blocker / "run"))
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"fbnet: error: cannot create the work directory {blocker / 'run'}: Not a directory")
+
+
+def test_restarts_and_eval_of_a_run(tmp_path):
+    workdir = tmp_path / "run"
+    train_args = ["train", "--config", "synthetic:tiny", "--workdir", str(workdir)]
+    out, _ = _fbnet(*train_args).communicate(timeout=300)
+    config_json = (workdir / "config.json").read_bytes()
+
+    # A shape change fails in a few lines naming the field, and leaves the run as it was.
+    process = _fbnet(*train_args, "--config.data.image_size=48")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and "changed by data.image_size: 32 -> 48" in lines[1], out
+    assert (workdir / "config.json").read_bytes() == config_json
+
+    # A finished run says so and is not evaluated again.
+    process = _fbnet(*train_args, "--config.train.log_every=1")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    assert "changed (no effect on the training): train.log_every: 2 -> 1" in out
+    assert "the run is complete (step 4 of 4)" in out and "first step" not in out
+
+    # eval: the checkpoint's config; no orbax chatter; overrides of evaluation settings apply.
+    process = _fbnet("eval", "--workdir", str(workdir), "--config.data.eval_batch_size=8")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert "evaluating with data.eval_batch_size: 32 -> 8" in out
+    assert "INFO" not in out and "WARNING" not in out and "orbax" not in out.lower()
+    tuned = "AU mean F1 at per-AU thresholds tuned on 'validation'"
+    assert tuned in out
+    final = json.loads((workdir / "metrics.json").read_text())
+    again = json.loads((workdir / "eval" / "test_step4.json").read_text())
+    assert again["test/expression_accuracy"] == final["test/expression_accuracy"]
+    assert again["test/au_tuned_mean_f1"] == final["test/au_tuned_mean_f1"]
+
+    # Scoring the thresholds' own split reports no tuned metrics.
+    process = _fbnet("eval", "--workdir", str(workdir), "--split", "validation")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert tuned not in out and "the split being scored" in out
+    assert "validation/au_tuned_mean_f1" not in json.loads(
+        (workdir / "eval" / "validation_step4.json").read_text())
+
+    for args, message in (
+            (["--step", "3"], f"--step 3: the run in {workdir} has no checkpoint of that step; it "
+                              f"has 2, 4"),
+            (["--split", "nonsense"], "--split 'nonsense' is not a split of every source; the "
+                                      "sources have: test, train, validation"),
+            (["--config.data.image_size=40"], "these overrides do not fit the checkpoint: the train "
+                                              "state in the checkpoint of step 4 has other shapes")):
+        process = _fbnet("eval", "--workdir", str(workdir), *args)
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 2, out
+        assert out.strip().splitlines()[0].startswith(f"fbnet: error: {message}"), out

@@ -195,6 +195,35 @@ def test_same_seed_same_batches_other_seed_other_batches():
     assert not np.array_equal(first_batches(0)[0]["key"], first_batches(1)[0]["key"])
 
 
+def _order(config, source, num_batches):
+    """The indices of `source`'s examples in the order training draws them."""
+    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                          process_count=1)) as it:
+        keys = np.concatenate([batch["key"] for batch in take(it, num_batches)])
+    return [int(k.rsplit("/", 1)[1]) for k in keys if k.startswith(f"{source}/")]
+
+
+def test_a_sources_order_does_not_depend_on_the_other_sources():
+    alone = _order(make_config({"beta": toy(num_records=40)}, augment=False), "beta", 10)
+    # "alpha" sorts first: with seeds numbered by position, it would renumber "beta".
+    mixed = _order(make_config({"alpha": toy(num_records=40), "beta": toy(num_records=40)},
+                               augment=False), "beta", 20)
+    n = min(len(alone), len(mixed))
+    assert n >= 60 and alone[:n] == mixed[:n]  # more than an epoch, in the same order
+
+
+def test_no_source_replays_anothers_order_an_epoch_later():
+    config = make_config({"alpha": toy(num_records=40), "beta": toy(num_records=40)},
+                         augment=False)
+    alpha, beta = _order(config, "alpha", 25), _order(config, "beta", 25)
+    assert len(alpha) >= 80 and len(beta) >= 80  # two epochs of each
+    for order in (alpha, beta):
+        assert sorted(order[:40]) == sorted(order[40:80]) == list(range(40))  # epochs
+        assert order[:40] != order[40:80]  # reshuffled
+    assert alpha[40:80] != beta[:40] and beta[40:80] != alpha[:40]
+    assert pipeline.shuffle_seed(0, "alpha") != pipeline.shuffle_seed(1, "alpha")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_state_and_orbax(workers, tmp_path):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # slow import

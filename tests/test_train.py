@@ -2,14 +2,19 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import run_isolated
+from conftest import REPO, run_isolated
 from data_pipelines import pipeline
 from fbnet_jax import checkpointing, evaluate, parallel, train
+from fbnet_jax.errors import ConfigError
 from fbnet_jax import state as state_lib
 
 
@@ -86,10 +91,13 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path / "straight")
 
     tiny_config.train.stop_after_steps = 3
-    assert train.train_and_evaluate(tiny_config, tmp_path / "resumed") == {}
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.train_and_evaluate(tiny_config, tmp_path / "resumed")
+    assert (stopped.value.step, stopped.value.reason) == (3, "train.stop_after_steps")
     _, step = _restored_params(tmp_path / "resumed", tiny_config)
     assert step == 3
-    train.train_and_evaluate(tiny_config, tmp_path / "resumed")  # 3 more steps, then stops
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    train.train_and_evaluate(tiny_config, tmp_path / "resumed")  # 3 more steps, then finishes
 
     straight, step_a = _restored_params(tmp_path / "straight", tiny_config)
     resumed, step_b = _restored_params(tmp_path / "resumed", tiny_config)
@@ -98,25 +106,151 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tiny_config, tmp_path):
+def _sgd(config, learning_rate):
+    config.optimizer.name = "sgd"
+    config.optimizer.grad_clip_norm = 0.0
+    config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"
+    config.optimizer.learning_rate = learning_rate
+
+
+DIVERGING = 1e39  # inf in float32: the first update makes the state non-finite
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_diverged_state_is_never_checkpointed(tiny_config, tmp_path):
+    # The loss of step 1 is computed at the initial parameters and is finite; the parameters
+    # that step 1 produces are not. That state must not become the "last good" checkpoint.
+    tiny_config.train.num_steps = 8
+    tiny_config.train.eval_every = 0
+    tiny_config.train.checkpoint_every = 1
+    tiny_config.train.log_every = 100
+    _sgd(tiny_config, DIVERGING)
+    with pytest.raises(FloatingPointError, match=r"refusing to checkpoint step 1: the train state "
+                                                 r"holds NaN or infinite values in .*params/"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert checkpointing.saved_steps(tmp_path) == []
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_divergence_after_a_restart_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     tiny_config.train.num_steps = 8
     tiny_config.train.eval_every = 0
     tiny_config.train.checkpoint_every = 2
-    tiny_config.train.log_every = 1
-    tiny_config.optimizer.name = "sgd"
-    tiny_config.optimizer.grad_clip_norm = 0.0
-    tiny_config.optimizer.warmup_steps = 0
-    tiny_config.optimizer.schedule = "constant"
-    tiny_config.optimizer.learning_rate = 1e30
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    tiny_config.train.stop_after_steps = 2
+    _sgd(tiny_config, 1e-2)
+    with pytest.raises(train.TrainingStopped):
         train.train_and_evaluate(tiny_config, tmp_path)
-    manager = checkpointing.create_manager(tmp_path, read_only=True)
-    steps = manager.all_steps()
-    manager.close()
-    assert not (tmp_path / "metrics.json").exists()
-    if steps:  # whatever was saved holds finite parameters
-        state, _ = _restored_params(tmp_path, tiny_config)
-        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    tiny_config.optimizer.learning_rate = DIVERGING
+    with pytest.raises(FloatingPointError, match=r"the last good checkpoint \(step 2\) is kept"):
+        train.train_and_evaluate(tiny_config, tmp_path, allow_config_change=True)
+    assert checkpointing.saved_steps(tmp_path) == [2]
+    state, step = _restored_params(tmp_path, tiny_config)
+    assert step == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    log_text = (tmp_path / "train.log").read_text()
+    error_lines = [line for line in log_text.splitlines() if "ERROR: FloatingPointError" in line]
+    assert len(error_lines) == 1 and "the last good checkpoint (step 2) is kept" in error_lines[0]
+
+
+def test_a_stop_request_abandons_an_evaluation_and_checkpoints(tiny_config, tmp_path, monkeypatch):
+    tiny_config.train.num_steps = 10
+    tiny_config.train.eval_every = 3
+    tiny_config.train.checkpoint_every = 100
+    tiny_config.data.eval_batch_size = 8  # several batches per evaluation
+    real_build = pipeline.build_eval_batches
+    served = []
+
+    def build_and_signal(config, **kwargs):
+        for batch in real_build(config, **kwargs):
+            served.append(kwargs.get("split"))
+            if len(served) == 2:  # SIGTERM arrives in the middle of the first evaluation
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(pipeline, "build_eval_batches", build_and_signal)
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert (stopped.value.step, stopped.value.reason) == (3, "SIGTERM")
+    assert len(served) == 2  # no batch was evaluated after the request
+    assert checkpointing.saved_steps(tmp_path) == [3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    log_text = (tmp_path / "train.log").read_text()
+    assert "evaluation at step 3 abandoned" in log_text
+    assert log_text.rstrip().endswith(
+        f"stopped at step 3 of 10 (SIGTERM); checkpoint saved; run the same command again (same "
+        f"--workdir {tmp_path}) to continue")
+
+
+def test_a_failed_restart_leaves_the_run_as_it_was(tiny_config, tmp_path):
+    tiny_config.train.eval_every = 0
+    train.train_and_evaluate(tiny_config, tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "metrics.json")}
+    changed = tiny_config
+    changed.data.image_size = 48
+    with pytest.raises(ConfigError, match="changed by data.image_size: 32 -> 48"):
+        train.train_and_evaluate(changed, tmp_path)
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    changed.data.image_size = 32
+    assert evaluate.evaluate_workdir(tmp_path)["step"] == tiny_config.train.num_steps
+
+
+def test_a_finished_run_is_not_trained_or_evaluated_again(tiny_config, tmp_path, monkeypatch):
+    tiny_config.train.eval_every = 0
+    results = train.train_and_evaluate(tiny_config, tmp_path)
+    monkeypatch.setattr(evaluate, "evaluate", None)  # any evaluation would fail
+    again = train.train_and_evaluate(tiny_config, tmp_path)
+    assert again == results
+    log_text = (tmp_path / "train.log").read_text()
+    assert "the run is complete (step 4 of 4)" in log_text
+    assert log_text.count("work directory:") == 2  # appended, one line per invocation
+
+
+def test_a_run_stopped_in_its_final_evaluation_only_evaluates_on_restart(tiny_config, tmp_path,
+                                                                         monkeypatch):
+    tiny_config.train.eval_every = 0
+    real_evaluate = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
+        evaluate.Interrupted("stop")))
+    with pytest.raises(train.TrainingStopped, match="final evaluation was interrupted"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert checkpointing.saved_steps(tmp_path) == [4] and not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(evaluate, "evaluate", real_evaluate)
+    results = train.train_and_evaluate(tiny_config, tmp_path)
+    assert results["step"] == 4 and (tmp_path / "metrics.json").exists()
+    assert "has no final evaluation: evaluating now" in (tmp_path / "train.log").read_text()
+
+
+_DOUBLE_CTRL_C = r"""
+import os, signal, sys, time
+from fbnet_jax import train
+log_file = sys.argv[1]
+open(log_file, "w").close()
+with train.StopSignals(log_file) as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    while not stop.requested():  # the first press only asks the run to stop
+        time.sleep(0.01)
+    print("first press handled", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+print("not reached")
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path):
+    log_file = tmp_path / "train.log"
+    result = subprocess.run([sys.executable, "-c", _DOUBLE_CTRL_C, str(log_file)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 130, result.stderr
+    assert result.stdout == "first press handled\n"
+    assert result.stderr.splitlines()[-1].endswith(
+        " WARNING: second SIGINT: quitting now, without a checkpoint")
+    assert "SIGINT received: saving a checkpoint and stopping (press Ctrl-C again" \
+        in result.stderr
+    assert log_file.read_text().endswith(
+        " WARNING: second SIGINT: quitting now, without a checkpoint\n")
 
 
 _DEVICES_CODE = r"""

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 from fbnet_jax.models import backbones
 
 BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace}
+# Computation dtypes of the backbone (parameters and heads stay float32).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class FaceBehaviorNet(nn.Module):
-    """Maps image [B, H, W, 3] (pixels scaled to [-1, 1]) to the outputs of DESIGN section 4.
+    """Maps image [B, H, W, 3] (pixels scaled to [-1, 1]) to the outputs of docs/design.md#model.
 
     Returns a dict: `expression_logits` [B, num_expressions], `au_logits` [B, num_aus],
     `va` [B, 2] in (-1, 1) (tanh) and `features` [B, D]. Heads compute in float32 whatever the
@@ -51,6 +53,8 @@ class FaceBehaviorNet(nn.Module):
 
 def create_model(model_config, num_aus: int) -> FaceBehaviorNet:
     """Builds the model from `config.model` (backbone name, its settings, dtype)."""
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"unknown model dtype {model_config.dtype!r}; known: {DTYPES}")
     return FaceBehaviorNet(
         backbone=model_config.backbone,
         backbone_kwargs=dict(model_config.backbones[model_config.backbone]),

@@ -1,0 +1,184 @@
+"""Config validation before a run starts, and restart checks against a checkpoint's config."""
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from data_pipelines import pipeline
+from fbnet_jax import config_checks, metrics
+from fbnet_jax.errors import ConfigError
+
+
+def test_the_shipped_configs_are_valid(tiny_config):
+    assert config_checks.validate(load_config("synthetic.py"), num_devices=8) == []
+    assert config_checks.validate(tiny_config, num_devices=8) == []
+
+
+# (field, value, the exact problem line)
+BAD_FIELDS = [
+    ("train.test_split", "tset", "train.test_split: 'tset' is not a split of affectnet_like, "
+                                 "affwild2_like, rafdb_like (splits every source has: test, "
+                                 "train, validation)"),
+    ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate: must be > 0, got -0.001"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every: must be >= 1, got 0"),
+    ("train.log_every", 0, "train.log_every: must be >= 1, got 0"),
+    ("train.eval_every", -1, "train.eval_every: must be >= 0, got -1"),
+    ("train.num_steps", 0, "train.num_steps: must be >= 1, got 0"),
+    ("train.best_mode", "maximum", "train.best_mode: 'maximum' is not one of 'max', 'min'"),
+    ("model.backbone", "resnet", "model.backbone: unknown backbone 'resnet'; known: small_cnn, "
+                                 "vgg_face"),
+    ("model.dtype", "float8", "model.dtype: 'float8' is not one of 'float32', 'bfloat16', "
+                              "'float16'"),
+    ("optimizer.name", "adam", "optimizer.name: 'adam' is not one of 'adamw', 'sgd'"),
+    ("optimizer.momentum", 1.0, "optimizer.momentum: must be >= 0 and < 1, got 1.0"),
+    ("data.global_batch_size", 12, "data.global_batch_size: 12 does not split evenly over the 8 "
+                                   "devices of this machine; use a multiple of 8"),
+    ("data.augment.flip", 1.5, "data.augment.flip: must be >= 0 and <= 1, got 1.5"),
+    ("data.num_workers", -2, "data.num_workers: must be >= 0, got -2"),
+    ("seed", -1, "seed: must be >= 0 and < 4294967296, got -1"),
+    ("name", "my/run", "name: 'my/run' must be letters, digits, '_', '.' or '-' (it names the "
+                       "default work directory)"),
+    ("data.sources.rafdb_like.weight", -0.5, "data.sources.rafdb_like.weight: must be finite "
+                                             "and >= 0, got -0.5"),
+    ("data.sources.rafdb_like.test_size", 0, "data.sources.rafdb_like.test_size: must be >= 1, "
+                                             "got 0"),
+]
+
+
+@pytest.mark.parametrize("field, value, problem", BAD_FIELDS, ids=[f for f, _, _ in BAD_FIELDS])
+def test_each_bad_field_is_named_with_what_is_allowed(tiny_config, field, value, problem):
+    *parents, leaf = field.split(".")
+    node = tiny_config
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as raised:
+        config_checks.validate(tiny_config, num_devices=8, num_processes=1)
+    assert raised.value.problems == [problem]
+
+
+def test_a_misspelt_best_metric_is_refused_with_examples(tiny_config):
+    tiny_config.train.best_metric = "validation/expression_acc"
+    with pytest.raises(ConfigError) as raised:
+        config_checks.validate(tiny_config, num_devices=1)
+    (problem,) = raised.value.problems
+    assert problem.startswith("train.best_metric: 'validation/expression_acc' is not a metric of "
+                              "the periodic evaluation on 'validation'; for example ")
+    assert "validation/expression_accuracy" in problem
+
+
+def test_every_problem_is_reported_at_once(tiny_config):
+    tiny_config.train.num_steps = 0
+    tiny_config.model.backbone = "nope"
+    tiny_config.optimizer.learning_rate = 0.0
+    with pytest.raises(ConfigError) as raised:
+        config_checks.validate(tiny_config, num_devices=1)
+    assert [p.split(":")[0] for p in raised.value.problems] == [
+        "model.backbone", "optimizer.learning_rate", "train.num_steps"]
+
+
+def test_an_image_size_the_backbone_cannot_take_is_a_config_error(tiny_config):
+    tiny_config.model.backbone = "vgg_face"
+    tiny_config.data.image_size = 16  # five 2x2 pools leave nothing of 16 px
+    with pytest.raises(ConfigError, match=r"model: a vgg_face with these settings cannot take "
+                                          r"16x16 images \(data.image_size\)"):
+        config_checks.validate(tiny_config, num_devices=1)
+
+
+def test_tuning_thresholds_on_the_scored_split_is_refused(tiny_config):
+    tiny_config.train.eval_split = "test"
+    with pytest.raises(ConfigError, match="train.tune_au_thresholds: thresholds are tuned on "
+                                          "train.eval_split, which is the split scored"):
+        config_checks.validate(tiny_config, num_devices=1)
+
+
+def test_best_metric_without_periodic_evaluation_is_a_warning(tiny_config):
+    tiny_config.train.eval_every = 0
+    assert config_checks.validate(tiny_config, num_devices=1) == [
+        "train.best_metric is 'validation/expression_accuracy' but train.eval_every is 0: "
+        "without periodic evaluations no best checkpoint is kept"]
+
+
+def test_metric_names_are_exactly_the_keys_of_a_fully_labelled_evaluation(tiny_config):
+    names = pipeline.source_names(tiny_config.data)
+    rng = np.random.default_rng(0)
+    n = 60
+    batch = {"expression": rng.integers(0, 7, n), "expression_mask": np.ones(n),
+             "au": rng.integers(0, 2, (n, 17)).astype(float), "au_mask": np.ones((n, 17)),
+             "va": rng.uniform(-1, 1, (n, 2)), "va_mask": np.ones(n),
+             "source": np.arange(n) % len(names), "valid": np.ones(n)}
+    outputs = {"expression_logits": rng.normal(size=(n, 7)), "au_logits": rng.normal(size=(n, 17)),
+               "va": rng.uniform(-1, 1, (n, 2))}
+    real = metrics.evaluate_arrays(outputs, batch, names, prefix="validation")
+    assert metrics.metric_names(names, prefix="validation") == tuple(sorted(real))
+    assert "validation/rafdb_like/va_mean_ccc" in real
+
+
+def test_differences_of_nested_configs():
+    before = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    after = {"a": {"b": 2, "c": [1, 2]}, "e": 3, "d": "x"}
+    assert config_checks.differences(before, after) == [("a.b", 1, 2), ("e", "<absent>", 3)]
+    assert config_checks.differences(before, before) == []
+
+
+# --- restarts -------------------------------------------------------------------------------
+
+def test_the_same_config_restarts_silently(tiny_config):
+    assert config_checks.check_restart(tiny_config, load_config("synthetic.py", "tiny"),
+                                       step=4) == []
+
+
+def test_bookkeeping_fields_may_change(tiny_config):
+    changed = load_config("synthetic.py", "tiny")
+    changed.train.log_every = 7
+    changed.data.eval_batch_size = 8
+    assert config_checks.check_restart(tiny_config, changed, step=4) == [
+        "changed (no effect on the training): data.eval_batch_size: 32 -> 8",
+        "changed (no effect on the training): train.log_every: 2 -> 7"]
+
+
+def test_a_training_change_needs_to_be_allowed(tiny_config):
+    changed = load_config("synthetic.py", "tiny")
+    changed.optimizer.learning_rate = 0.1
+    changed.train.num_steps = 10
+    with pytest.raises(ConfigError) as raised:
+        config_checks.check_restart(tiny_config, changed, step=4, what="the run in x")
+    assert str(raised.value).startswith(
+        "the config differs from the one the run in x was trained with (its checkpoint of step "
+        "4):\n  - optimizer.learning_rate: 0.002 -> 0.1\n  - train.num_steps: 4 -> 10\n  - these "
+        "change the training")
+    assert "--allow_config_change" in str(raised.value)
+    assert config_checks.check_restart(tiny_config, changed, step=4, allow_changes=True) == [
+        "changed (--allow_config_change): optimizer.learning_rate: 0.002 -> 0.1",
+        "changed (--allow_config_change): train.num_steps: 4 -> 10"]
+
+
+@pytest.mark.parametrize("field, value, culprit, leaf", [
+    ("data.image_size", 48, "data.image_size: 32 -> 48",
+     "params/backbone/Dense_0/kernel: float32[1024, 32] -> float32[2304, 32]"),
+    ("model.backbones.small_cnn.features", 64, "model.backbones.small_cnn.features: 32 -> 64",
+     "params/au_head/kernel: float32[32, 17] -> float32[64, 17]"),
+])
+def test_a_shape_change_is_refused_even_when_changes_are_allowed(tiny_config, field, value,
+                                                                 culprit, leaf):
+    changed = load_config("synthetic.py", "tiny")
+    *parents, name = field.split(".")
+    node = changed
+    for key in parents:
+        node = node[key]
+    node[name] = value
+    changed.optimizer.learning_rate = 0.1  # a second change, which does not change shapes
+    with pytest.raises(ConfigError) as raised:
+        config_checks.check_restart(tiny_config, changed, step=4, allow_changes=True)
+    (problem, advice) = raised.value.problems
+    assert problem.startswith("the train state in the checkpoint of step 4 has other shapes than "
+                              f"this config's ({leaf}")
+    assert problem.endswith(f"changed by {culprit}")  # the learning rate is not blamed
+    assert advice.startswith("keep the run's values for these fields")
+
+
+def test_a_new_number_of_data_workers_is_refused(tiny_config):
+    changed = load_config("synthetic.py", "tiny")
+    changed.data.num_workers = 2
+    with pytest.raises(ConfigError, match=r"data.num_workers: 0 -> 2: the data iterator state"):
+        config_checks.check_restart(tiny_config, changed, step=4, allow_changes=True)
