@@ -17,9 +17,11 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import zlib
 from collections.abc import Sequence
 
+import cv2
 import grain
 import numpy as np
 
@@ -44,6 +46,7 @@ __all__ = [
     "au_probabilities",
     "contact_sheet",
     "draw_labels",
+    "draw_sheet",
     "render_face",
 ]
 
@@ -66,6 +69,7 @@ BASE_RATE = 0.05           # P(active) of AUs unrelated to the expression (Neutr
 # class: at BASE_RATE such an AU is too rare for a small model to learn in a short run (AU14
 # is frequent in spontaneous data, e.g. BP4D).
 FREE_AU_RATE = 0.2
+MIN_IMAGE_SIZE = 8         # smallest image side the renderer draws a face at
 MIN_INTENSITY = 0.35       # active AUs are never fainter, so every active AU stays visible
 VA_NOISE = 0.08            # std of the valence/arousal scatter around the prototype
 
@@ -102,7 +106,8 @@ class SyntheticSpec:
         # Configs hand over lists; a tuple keeps the spec hashable and its repr stable.
         if self.label_aus is not None:
             object.__setattr__(self, "label_aus", tuple(int(a) for a in self.label_aus))
-        if self.num_records < 0 or self.image_size < 8 or self.video_frames < 0:
+        if (self.num_records < 0 or self.image_size < MIN_IMAGE_SIZE
+                or self.video_frames < 0):
             raise ValueError(f"invalid SyntheticSpec {self}")
 
 
@@ -336,29 +341,78 @@ def _caption(record: schema.Record, aus: Sequence[int]) -> list[str]:
     return lines
 
 
-def contact_sheet(source: SyntheticFaces, indices: Sequence[int], path: str, *,
-                  columns: int = 8, zoom: int = 2) -> np.ndarray:
-    """Writes a PNG grid of records, each tile zoomed and captioned with its labels.
+# Caption text is drawn with OpenCV's Hershey font: 11 px lines, ASCII only.
+_FONT, _FONT_SCALE, _LINE_HEIGHT = cv2.FONT_HERSHEY_PLAIN, 0.75, 11
+_BORDER = 2   # grey frame around each tile, px
+# Captions may use typographic dashes ("AU \u2013"); the Hershey font would draw them as "?".
+_TO_ASCII = str.maketrans({"\u2013": "-", "\u2014": "-", "\u2212": "-"})
+# A parenthesised group ("(12 lab.)") or else a run of non-spaces: the units a line breaks between.
+_WORDS = re.compile(r"\([^)]*\)|\S+")
+
+
+def _text_width(text: str) -> int:
+    return cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)[0][0]
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    """Breaks `line` at spaces into lines that fit `width` px (a single long word overflows)."""
+    lines: list[str] = []
+    for word in _WORDS.findall(line.translate(_TO_ASCII)):
+        if lines and _text_width(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def draw_sheet(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], path: str, *,
+               columns: int = 8, zoom: int = 2, min_width: int = 112,
+               min_text_lines: int = 6) -> np.ndarray:
+    """Writes a PNG grid of tiles: each image enlarged, with its caption lines under it.
+
+    Shared by this module's `contact_sheet` (raw records) and `data_pipelines.contact_sheet`
+    (what the model is fed).
+
+    Args:
+      images: uint8 RGB [H, W, 3] images, all of one shape.
+      captions: for each image, its lines of text; a line wider than the tile is wrapped at
+        spaces (never inside parentheses).
+      path: the PNG file to write.
+      columns: most tiles per row (a sheet of fewer images has one row of just those).
+      zoom: integer enlargement by pixel repetition (nearest neighbour), so the pixels the
+        model sees stay visible as they are, not smoothed.
+      min_width: smallest tile width in px, so captions have room under small images.
+      min_text_lines: text lines below each image, more if a wrapped caption needs them; a fixed
+        minimum keeps the sheet's size the same from one draw to the next.
 
     Returns:
-      the sheet, uint8 RGB.
-    """
-    import cv2  # pylint: disable=g-import-not-at-top
+      The sheet, uint8 RGB; an image's top-left pixel lies at (row * tile height + 2,
+      column * tile width + 2 + (tile width - 4 - side) // 2), side = zoom * W.
 
-    side = source.spec.image_size * zoom
-    width = max(side, 112)
-    line_height, text_lines = 11, 6
+    Raises:
+      ValueError: no images, or not one caption per image.
+      OSError: the file cannot be written.
+    """
+    if not images or len(images) != len(captions):
+        raise ValueError(f"need one caption per image and at least one image, got "
+                         f"{len(images)} images and {len(captions)} captions")
+    height, width = images[0].shape[:2]
+    tile_width = max(width * zoom, min_width)
+    wrapped = [[part for line in caption for part in _wrap(line, tile_width - 4)]
+               for caption in captions]
+    text_lines = max(min_text_lines, *(len(lines) for lines in wrapped))
     tiles = []
-    for index in indices:
-        record = source[index]
-        tile = np.full((side + line_height * text_lines + 4, width, 3), 255, np.uint8)
-        image = cv2.resize(record[schema.IMAGE], (side, side), interpolation=cv2.INTER_NEAREST)
-        left = (width - side) // 2
-        tile[:side, left:left + side] = image
-        for row, text in enumerate(_caption(record, source.aus)[:text_lines]):
-            cv2.putText(tile, text, (2, side + line_height * (row + 1)), cv2.FONT_HERSHEY_PLAIN,
-                        0.75, (0, 0, 0), 1, cv2.LINE_AA)
-        tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0)), constant_values=200))
+    for image, lines in zip(images, wrapped):
+        tile = np.full((height * zoom + _LINE_HEIGHT * text_lines + 4, tile_width, 3), 255,
+                       np.uint8)
+        left = (tile_width - width * zoom) // 2
+        tile[:height * zoom, left:left + width * zoom] = image.repeat(zoom, 0).repeat(zoom, 1)
+        for row, text in enumerate(lines):
+            cv2.putText(tile, text, (2, height * zoom + _LINE_HEIGHT * (row + 1)), _FONT,
+                        _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(np.pad(tile, ((_BORDER, _BORDER), (_BORDER, _BORDER), (0, 0)),
+                            constant_values=200))
+    columns = min(columns, len(tiles))
     rows = -(-len(tiles) // columns)
     tiles += [np.full_like(tiles[0], 255)] * (rows * columns - len(tiles))
     sheet = np.concatenate([np.concatenate(tiles[r * columns:(r + 1) * columns], axis=1)
@@ -368,16 +422,45 @@ def contact_sheet(source: SyntheticFaces, indices: Sequence[int], path: str, *,
     return sheet
 
 
+def contact_sheet(source: SyntheticFaces, indices: Sequence[int], path: str, *,
+                  columns: int = 8, zoom: int = 2) -> np.ndarray:
+    """Writes a PNG grid of records, each tile zoomed and captioned with its labels.
+
+    Returns:
+      the sheet, uint8 RGB.
+    """
+    records = [source[index] for index in indices]
+    return draw_sheet([record[schema.IMAGE] for record in records],
+                      [_caption(record, source.aus) for record in records], path,
+                      columns=columns, zoom=zoom)
+
+
+# The command's --size range: the generator needs 8 px for a face; above 1024 px a sheet of a few
+# dozen tiles runs to hundreds of megapixels, which is no longer a preview.
+_SIZE_RANGE = (MIN_IMAGE_SIZE, 1024)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.synthetic",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--n", type=int, default=48, help="number of samples")
+    parser.add_argument("--n", type=int, default=48, help="number of samples (>= 1)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--compound", action="store_true", help="compound classes")
-    parser.add_argument("--size", type=int, default=64, help="image side")
+    parser.add_argument("--size", type=int, default=64,
+                        help="image side, %d..%d" % _SIZE_RANGE)
     parser.add_argument("--split", default="train", help="split to draw from")
-    parser.add_argument("--video-frames", type=int, default=0, help="frames per clip")
+    parser.add_argument("--video-frames", type=int, default=0,
+                        help="frames per clip (0: independent faces)")
     args = parser.parse_args(argv)
+    # Checked here, so a bad value is a usage error naming its flag rather than a traceback
+    # from deep in the generator or the sheet drawing.
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    if not _SIZE_RANGE[0] <= args.size <= _SIZE_RANGE[1]:
+        parser.error(f"--size must lie in {_SIZE_RANGE[0]}..{_SIZE_RANGE[1]}, got {args.size}")
+    if args.video_frames < 0:
+        parser.error(f"--video-frames must be 0 or more, got {args.video_frames}")
     spec = SyntheticSpec(num_records=args.n, seed=args.seed, image_size=args.size,
                          compound=args.compound, video_frames=args.video_frames)
     contact_sheet(SyntheticFaces(spec, split=args.split), range(args.n), args.out)

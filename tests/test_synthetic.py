@@ -2,12 +2,14 @@
 
 import hashlib
 import pickle
+import subprocess
+import sys
 
 import cv2
 import grain
 import numpy as np
 import pytest
-from conftest import run_isolated
+from conftest import REPO, run_isolated
 
 from data_pipelines import schema, synthetic, synthetic_render
 from fbnet_jax import taxonomy
@@ -282,3 +284,23 @@ def test_contact_sheet_command(tmp_path):
     path = tmp_path / "sheet.png"
     synthetic.main(["--out", str(path), "--n", "3", "--size", "32", "--seed", "1"])
     assert cv2.imread(str(path)).shape[0] > 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--n", "-4"], "--n must be at least 1, got -4"),
+    (["--size", "0"], "--size must lie in 8..1024, got 0"),
+    (["--size", "7"], "--size must lie in 8..1024, got 7"),
+    (["--video-frames", "-1"], "--video-frames must be 0 or more, got -1"),
+])
+def test_contact_sheet_command_rejects_bad_numbers(tmp_path, args, message):
+    path = tmp_path / "sheet.png"
+    result = subprocess.run([sys.executable, "-m", "data_pipelines.synthetic", "--out", str(path),
+                             *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    # argparse's usage lines, then one error line.
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"python -m data_pipelines.synthetic: error: {message}")
+    assert not path.exists()
