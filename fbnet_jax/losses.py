@@ -1,4 +1,4 @@
-"""Masked task losses of FaceBehaviorNet (DESIGN.md section 5), as pure jax functions.
+"""Masked task losses of FaceBehaviorNet (docs/design.md#losses), as pure jax functions.
 
 Every dataset labels only some tasks, so every label comes with a mask (`data_pipelines/schema.py`)
 and every loss is a ratio of sums over the batch: Σ (mask · per-example term) / Σ mask, or, for the
@@ -143,9 +143,8 @@ def task_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted sum of the task losses and every term for logging.
 
-    total = Σ_name weights[name] · terms[name] over the terms computed here: "expression", "au"
-    and "va". The coupling losses of DESIGN.md section 5 (co-annotation, distribution matching)
-    are further entries of `terms`, each with its own weight key; they join the same sum.
+    total = Σ_name weights[name] · terms[name] over the three task terms "expression", "au" and
+    "va".
 
     Args:
       outputs: model outputs with "expression_logits" [B, 7], "au_logits" [B, A] and "va" [B, 2].

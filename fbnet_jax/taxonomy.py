@@ -32,8 +32,8 @@ AU_NAMES: Mapping[int, str] = {
     24: "lip pressor", 25: "lips part", 26: "jaw drop",
 }
 
-# The AUs each public dataset annotates (datasets.md; paper.md). Used to build label masks, and by
-# the synthetic data to imitate which AUs each kind of dataset labels.
+# The AUs each public dataset annotates (docs/paper.md#datasets-and-their-aus). Used to build label
+# masks, and by the synthetic data to imitate which AUs each kind of dataset labels.
 DATASET_AUS: Mapping[str, tuple[int, ...]] = {
     # EmotioNet manual set, 11 AUs (EmotioNet challenge 2017/2018 release).
     "emotionet": (1, 2, 4, 5, 6, 9, 12, 17, 20, 25, 26),
@@ -64,9 +64,9 @@ class RelatednessRow:
 
 RELATEDNESS_SOURCE = (
     "Du, Tao, Martinez, 'Compound facial expressions of emotion', PNAS 111(15), 2014, Table 1; "
-    "as used by Kollias et al., 'Face Behavior a la carte', arXiv 1910.11111. Basic rows per "
-    "shared/DESIGN.md section 2; compound rows per shared/reference/paper.md (recalled values, "
-    "not checked against the PNAS table: replace them from a config when you have the original).")
+    "as used by Kollias et al., 'Face Behavior a la carte', arXiv 1910.11111. Rows as listed in "
+    "docs/paper.md#basic-expressions and docs/paper.md#compound-expressions (recalled values, "
+    "not checked against the PNAS table: replace them here when you have the original).")
 
 # Basic expressions. Neutral has no row: it implies no AU.
 BASIC_RELATEDNESS: tuple[RelatednessRow, ...] = (
@@ -166,7 +166,7 @@ def prototypical_mask(names: Sequence[str], aus: Sequence[int] = AUS,
 
 
 def basic_relatedness(aus: Sequence[int] = AUS) -> np.ndarray:
-    """The [7, len(aus)] expression-AU matrix used by the coupling losses (Neutral row zero)."""
+    """The [7, len(aus)] expression-AU matrix, rows in EXPRESSIONS order (Neutral row zero)."""
     return relatedness_matrix(EXPRESSIONS, aus, BASIC_RELATEDNESS)
 
 
