@@ -38,8 +38,7 @@ from data_pipelines import synthetic
 from fbnet_jax import config_files, taxonomy
 from fbnet_jax.errors import UserError
 
-__all__ = ["SPLITS", "draw", "first_examples", "load_config", "main", "tile_caption",
-           "to_display"]
+__all__ = ["SPLITS", "draw", "first_examples", "main", "tile_caption", "to_display"]
 
 SPLITS = ("train", "validation", "test")
 

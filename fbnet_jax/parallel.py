@@ -35,16 +35,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size") -> None:
-    """Raises a ValueError unless the batch splits evenly over devices and processes."""
-    devices = mesh.devices.size
-    if global_batch_size % devices:
-        raise ValueError(f"{what} {global_batch_size} is not divisible by the {devices} devices")
-    if global_batch_size % jax.process_count():
-        raise ValueError(
-            f"{what} {global_batch_size} is not divisible by {jax.process_count()} processes")
-
-
 def is_device_field(value: Any) -> bool:
     """Numeric arrays go to the devices; strings (example keys) stay on the host."""
     return np.asarray(value).dtype.kind in "biuf"

@@ -282,7 +282,7 @@ def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
     split = config.train.test_split
     if saved.exists():
         metrics = json.loads(saved.read_text())
-        if metrics.get("step") == step:
+        if metrics.get("step") == step and any(k.startswith(f"{split}/") for k in metrics):
             log.info("the run is complete (step %d of %d); its final evaluation (%s):\n%s",
                      step, config.train.num_steps, saved.absolute(), evaluate.format_report(
                          metrics, split, config.train.eval_split))

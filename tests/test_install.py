@@ -1,6 +1,7 @@
 """fbnet_jax installed from its wheel (not the source tree) runs from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,24 @@ PACKAGE_DIRS = {"fbnet_jax": "fbnet_jax", "data_pipelines": "data_pipelines",
                 "configs": "fbnet_jax/configs"}
 
 
+def _checkout(dest):
+    """The repository's files as a clean clone has them (no build/ or .venv left-overs)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """The project's wheel installed into an isolated folder (its dependencies: this venv's)."""
     root = tmp_path_factory.mktemp("install")
+    source = _checkout(root / "src")  # building in the repository would leave build/ there
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
-                    str(root / "dist"), str(REPO)], check=True, capture_output=True)
+                    str(root / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (root / "dist").glob("fbnet_jax-*.whl")
     target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",

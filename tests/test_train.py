@@ -183,6 +183,24 @@ def test_a_stop_request_abandons_an_evaluation_and_checkpoints(tiny_config, tmp_
         f"--workdir {tmp_path}) to continue")
 
 
+def test_the_best_evaluation_is_kept_between_checkpoint_steps(tiny_config, tmp_path):
+    # Evaluations at steps 2 and 4, checkpoints only every 100 steps (and at the end): the best
+    # evaluated state must still be kept.
+    tiny_config.train.num_steps = 6
+    tiny_config.train.eval_every = 2
+    tiny_config.train.checkpoint_every = 100
+    tiny_config.train.max_checkpoints_to_keep = 1
+    train.train_and_evaluate(tiny_config, tmp_path)
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    accuracy = {e.step: e.value for e in events.Scalars("validation/expression_accuracy")}
+    assert sorted(accuracy) == [2, 4]
+    steps = checkpointing.saved_steps(tmp_path)
+    assert len(steps) == 2 and steps[-1] == 6, steps  # the best one and the latest
+    assert accuracy[steps[0]] == max(accuracy.values())
+
+
 def test_a_failed_restart_leaves_the_run_as_it_was(tiny_config, tmp_path):
     tiny_config.train.eval_every = 0
     train.train_and_evaluate(tiny_config, tmp_path)
