@@ -18,6 +18,7 @@ or the generator is discarded.
 from __future__ import annotations
 
 import math
+import signal
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -270,8 +271,16 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size),
+            worker_init_fn=_leave_interrupts_to_the_main_process)
     return iter(iter_ds)
+
+
+def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) -> None:
+    """Runs in each grain worker: Ctrl-C in a terminal reaches every process of the group, and
+    a worker must not die of it while the main process saves a checkpoint and stops."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def close_iterator(iterator: grain.DatasetIterator) -> None:

@@ -12,11 +12,12 @@ import pytest
 from conftest import REPO
 
 
-def _fbnet(*args, env_extra=None):
+def _fbnet(*args, env_extra=None, new_session=False):
     env = {k: v for k, v in os.environ.items() if k != "FBNET_DEBUG"}
     env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "fbnet_jax.main", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=new_session)
 
 
 def test_train_then_eval_from_the_command_line(tmp_path):
@@ -80,6 +81,23 @@ def test_sigterm_and_ctrl_c_checkpoint_and_exit_as_stopped(tmp_path, signum):
     assert [line.split(" ", 2)[2] for line in log_lines] == [
         line.split(" ", 1)[1] for line in out.splitlines() if line[:2].isdigit()]
     assert f"WARNING: {name} received" in out
+
+
+def test_ctrl_c_in_a_terminal_stops_cleanly_with_worker_processes(tmp_path):
+    # A terminal sends SIGINT to the whole process group, grain's workers included.
+    workdir = tmp_path / "run"
+    process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
+                     "--config.train.num_steps=100000", "--config.train.eval_every=0",
+                     "--config.train.log_every=1", "--config.data.num_workers=2",
+                     new_session=True)
+    lines = []
+    _until(process, "steps/s", lines)
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert process.returncode == 75, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "(SIGINT); checkpoint saved" in out
 
 
 def test_stop_after_steps_is_not_success(tmp_path):
