@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from fbnet_jax import parallel
+from fbnet_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -137,14 +138,36 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    with _reading(manager, step):
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], step
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
     """The config stored with the checkpoint of `step` (locked)."""
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    with _reading(manager, step):
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return config_from_json(restored["config"])
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int):
+    """Turns a failure to read a checkpoint into one message naming its directory.
+
+    Callers check shapes against the checkpoint's own config first, so what is left is a
+    damaged or incomplete step directory (or one written by an incompatible version).
+    """
+    try:
+        yield
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+        path = Path(manager.directory) / str(step)
+        lines = (str(e.args[0]) if e.args else str(e)).strip().splitlines() or [""]
+        detail = lines[0].split(" [tensorstore_spec")[0]  # tensorstore appends whole specs
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise UserError(f"{path}: the checkpoint of step {step} cannot be read "
+                        f"({type(e).__name__}: {detail}); it is damaged or "
+                        f"incomplete: move that directory away to continue from the checkpoint "
+                        f"before it") from e
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:

@@ -11,7 +11,7 @@
 
 FILE is a path or the name of a shipped config (`synthetic`). Add --debug (or set FBNET_DEBUG=1)
 to see the traceback of an error. Exit status: 0 done; 1 failed (e.g. the training diverged);
-2 a mistake in the command or config (nothing was changed); 75 stopped before the end with a
+2 a mistake in the command or config, or a damaged checkpoint (nothing was changed); 75 stopped before the end with a
 checkpoint saved (run the same command again to continue); 130 interrupted at once.
 """
 

@@ -1,6 +1,7 @@
 """Orbax checkpoints: what is kept, what is refused, what comes back."""
 
 import json
+import shutil
 
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from fbnet_jax import checkpointing
+from fbnet_jax.errors import UserError
 
 
 def _config():
@@ -106,3 +108,18 @@ def test_a_checkpoint_carries_its_config(tmp_path):
     assert checkpointing.saved_steps(tmp_path) == [3]
     assert checkpointing.saved_steps(tmp_path / "nothing") == []
     assert not (tmp_path / "nothing").exists()  # looking creates nothing
+
+
+def test_a_damaged_checkpoint_is_named_in_one_message(tmp_path):
+    manager = checkpointing.create_manager(tmp_path)
+    checkpointing.save(manager, 5, _state(5), config=_config())
+    manager.wait_until_finished()
+    for item in (tmp_path / "checkpoints" / "5" / "state" / "d").iterdir():
+        item.write_bytes(b"garbage")  # the array data of the state
+    with pytest.raises(UserError, match=r"checkpoints/5: the checkpoint of step 5 cannot be read "
+                                        r"\(ValueError: .*\); it is damaged or incomplete: move"):
+        checkpointing.restore(manager, checkpointing.abstract_like(_state(0)), step=5)
+    shutil.rmtree(tmp_path / "checkpoints" / "5" / "config")
+    with pytest.raises(UserError, match=r"\(KeyError: Item \"config\" was not found"):
+        checkpointing.read_config(manager, 5)
+    manager.close()
