@@ -71,3 +71,134 @@ def test_small_cnn_pools_once_per_stage():
     variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     # 32 / 2**3 = 4: the dense layer sees a 4x4x4 map.
     assert variables["params"]["Dense_0"]["kernel"].shape == (4 * 4 * 4, 8)
+
+
+def _resnet50_shapes(size, **kwargs):
+    return jax.eval_shape(lambda: backbones.ResNet50().init(
+        jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False, **kwargs))
+
+
+def test_resnet50_has_torchvision_parameter_count():
+    params = _resnet50_shapes(64)["params"]
+    # torchvision's ResNet-50 has 25,557,032 parameters; its fc layer 2048 * 1000 + 1000 of them.
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 25_557_032 - 2048 * 1000 - 1000
+
+
+def _torchvision_resnet50_shapes():
+    """torchvision's ResNet-50 state_dict shapes, without fc and num_batches_tracked."""
+    shapes = {}
+
+    def conv_bn(conv, bn, out_channels, in_channels, size):
+        shapes[f"{conv}.weight"] = (out_channels, in_channels, size, size)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{bn}.{name}"] = (out_channels,)
+
+    conv_bn("conv1", "bn1", 64, 3, 7)
+    channels = 64
+    for layer, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for block in range(blocks):
+            prefix = f"layer{layer}.{block}"
+            conv_bn(f"{prefix}.conv1", f"{prefix}.bn1", width, channels, 1)
+            conv_bn(f"{prefix}.conv2", f"{prefix}.bn2", width, width, 3)
+            conv_bn(f"{prefix}.conv3", f"{prefix}.bn3", 4 * width, width, 1)
+            if block == 0:
+                conv_bn(f"{prefix}.downsample.0", f"{prefix}.downsample.1", 4 * width, channels, 1)
+            channels = 4 * width
+    return shapes
+
+
+def test_resnet50_variables_map_one_to_one_onto_torchvision_keys():
+    variables = _resnet50_shapes(64)
+    expected = _torchvision_resnet50_shapes()
+    assert len(expected) == 53 * 5  # 53 convs (one weight each), 53 BatchNorms (four each)
+    mapped = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
+            key = backbones.torchvision_key(tuple(entry.key for entry in path))
+            assert key not in mapped, key
+            mapped[key] = leaf.shape
+    assert set(mapped) == set(expected)
+    for key, torch_shape in expected.items():
+        if len(torch_shape) == 4:  # conv weights: torch OIHW [O, I, kh, kw] -> flax HWIO
+            out_channels, in_channels, kh, kw = torch_shape
+            torch_shape = (kh, kw, in_channels, out_channels)
+        assert mapped[key] == torch_shape, key
+
+
+def test_torchvision_key_examples():
+    assert backbones.torchvision_key(("layer1_0", "bn1", "scale")) == "layer1.0.bn1.weight"
+    assert backbones.torchvision_key(("layer3_5", "bn2", "var")) == "layer3.5.bn2.running_var"
+    assert (backbones.torchvision_key(("layer2_0", "downsample_0", "kernel"))
+            == "layer2.0.downsample.0.weight")
+    with pytest.raises(ValueError, match="not a ResNet50 variable"):
+        backbones.torchvision_key(("conv1", "weight"))
+
+
+@pytest.mark.parametrize("size,stages", [(224, (56, 28, 14, 7)), (112, (28, 14, 7, 4))])
+def test_resnet50_feature_maps_have_torchvision_sizes(size, stages):
+    captured = _resnet50_shapes(size, capture_intermediates=True)["intermediates"]
+    # conv1 on its own: a wrong padding there can be hidden by the max-pool's rounding.
+    assert captured["conv1"]["__call__"][0].shape == (1, size // 2, size // 2, 64)
+    for layer, (blocks, side) in enumerate(zip((3, 4, 6, 3), stages), start=1):
+        width = 4 * 64 * 2 ** (layer - 1)
+        shape = captured[f"layer{layer}_{blocks - 1}"]["__call__"][0].shape
+        assert shape == (1, side, side, width), (layer, shape)
+    # v1.5: a stage's first block strides on its 3x3 conv (conv2), not on the 1x1 conv1.
+    block = captured["layer2_0"]
+    assert block["conv1"]["__call__"][0].shape[1] == stages[0]
+    assert block["conv2"]["__call__"][0].shape[1] == stages[1]
+
+
+def test_resnet50_output_contract():
+    model = FaceBehaviorNet(backbone="resnet50")
+    image = jnp.zeros((2, 64, 64, 3))
+    out = jax.eval_shape(lambda: model.apply(model.init(jax.random.PRNGKey(0), image), image))
+    assert {k: v.shape for k, v in out.items()} == {
+        "expression_logits": (2, 7), "au_logits": (2, 17), "va": (2, 2), "features": (2, 2048)}
+
+
+def test_resnet50_computes_in_dtype():
+    module = backbones.ResNet50(dtype=jnp.bfloat16)
+    image = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), image, train=False))
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    features = jax.eval_shape(lambda v: module.apply(v, image, train=False), variables)
+    assert features.dtype == jnp.bfloat16
+
+
+def _filled(shapes, seed=0):
+    """Values for the leaves of `shapes` (an eval_shape of init) without running the
+    initializers, whose compilation for ResNet-50 costs a CPU test more than the step itself:
+    kernels N(0, 1/fan_in), BatchNorm scale and variance 1, biases and means 0."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = np.prod(shape.shape[:-1])
+            return jnp.asarray(rng.standard_normal(shape.shape, np.float32) / np.sqrt(fan_in))
+        return jnp.ones(shape.shape) if name in ("scale", "var") else jnp.zeros(shape.shape)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def test_resnet50_trains():
+    model = FaceBehaviorNet(backbone="resnet50")
+    image = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-1, maxval=1)
+    variables = _filled(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image)))
+
+    def loss(params):
+        out, updates = model.apply({**variables, "params": params}, image, train=True,
+                                   rngs={"dropout": jax.random.PRNGKey(2)},
+                                   mutable=["batch_stats"])
+        return jnp.sum(out["expression_logits"] ** 2) + jnp.sum(out["va"]), updates
+
+    # One step: LLVM optimisation would cost more compile time than it saves.
+    step = jax.jit(jax.grad(loss, has_aux=True),
+                   compiler_options={"xla_backend_optimization_level": 0})
+    grads, updates = step(variables["params"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(jnp.max(jnp.abs(grads["backbone"]["conv1"]["kernel"]))) > 0
+    old, new = variables["batch_stats"]["backbone"], updates["batch_stats"]["backbone"]
+    assert not np.allclose(old["bn1"]["mean"], new["bn1"]["mean"])
+    assert not np.allclose(old["layer4_2"]["bn3"]["var"], new["layer4_2"]["bn3"]["var"])

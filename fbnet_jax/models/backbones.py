@@ -1,12 +1,14 @@
 """Convolutional backbones: image [B, H, W, 3] in [-1, 1] -> features [B, D].
 
 `vgg_face` is the paper's network (13 conv 3x3 + 5 max-pool, fc 4096, fc 4096, dropout 0.5).
+`resnet50` is torchvision's ResNet-50 trunk, named so that its weights import by renaming.
 `small_cnn` is a fast BatchNorm CNN for CPU demos and tests. Pools are written with keyword
 arguments because jax2onnx patches `nn.max_pool` with a keyword-only `window_shape`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,3 +81,100 @@ class VGGFace(nn.Module):
             x = nn.relu(nn.Dense(self.fc, dtype=self.dtype, name=name)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return x
+
+
+# ResNet-50 stages: (bottleneck blocks, width); a block's output has 4 * width channels.
+RESNET50_STAGES = ((3, 64), (4, 128), (6, 256), (3, 512))
+# torchvision's init (kaiming_normal_, mode="fan_out", relu), so training from scratch starts
+# where a torchvision ResNet-50 would.
+_kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: the stride sits on the 3x3 conv), named as its keys."""
+    width: int
+    strides: int
+    downsample: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        def conv(features, size, strides, pad, name):
+            return nn.Conv(features, (size, size), strides=(strides, strides),
+                           padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_kaiming,
+                           dtype=self.dtype, name=name)
+
+        def bn(name):
+            # torch momentum 0.1 weighs the new batch; flax's 0.9 weighs the running average.
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                dtype=self.dtype, name=name)
+
+        residual = x
+        y = nn.relu(bn("bn1")(conv(self.width, 1, 1, 0, "conv1")(x)))
+        y = nn.relu(bn("bn2")(conv(self.width, 3, self.strides, 1, "conv2")(y)))
+        y = bn("bn3")(conv(4 * self.width, 1, 1, 0, "conv3")(y))
+        if self.downsample:
+            residual = bn("downsample_1")(
+                conv(4 * self.width, 1, self.strides, 0, "downsample_0")(x))
+        return nn.relu(y + residual)
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 (v1.5) without its fc layer: features [B, 2048].
+
+    conv 7x7/2 -> BatchNorm -> ReLU -> max-pool 3x3/2, four stages of 3, 4, 6, 3 bottleneck
+    blocks, global average pool, dropout. Paddings are torchvision's, so every feature map has
+    its size (7x7 before the pool at 224 px, 4x4 at 112 px). Submodules are named after
+    torchvision's state_dict (`layer1_0/bn1` for `layer1.0.bn1`); see `torchvision_key`.
+
+    Attributes:
+      dropout: dropout rate on the pooled features during training.
+      dtype: computation dtype (parameters stay float32).
+    """
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.astype(self.dtype)
+        x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                    kernel_init=_kaiming, dtype=self.dtype, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, name="bn1")(x)
+        x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2),
+                        padding=((1, 1), (1, 1)))
+        for layer, (blocks, width) in enumerate(RESNET50_STAGES, start=1):
+            for block in range(blocks):
+                # layer1 keeps the pooled resolution; the others halve it in their first block.
+                strides = 2 if layer > 1 and block == 0 else 1
+                x = _Bottleneck(width, strides, downsample=block == 0, dtype=self.dtype,
+                                name=f"layer{layer}_{block}")(x, train=train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
+               "mean": "running_mean", "var": "running_var"}
+
+
+def torchvision_key(flax_path: tuple[str, ...]) -> str:
+    """The torchvision ResNet-50 state_dict key of a `ResNet50` variable.
+
+    `flax_path` is relative to the module's collection (`params` or `batch_stats`), e.g.
+    ("layer1_0", "bn1", "scale") -> "layer1.0.bn1.weight", ("layer1_0", "bn1", "mean") ->
+    "layer1.0.bn1.running_mean", ("layer2_0", "downsample_0", "kernel") ->
+    "layer2.0.downsample.0.weight". BatchNorm's `num_batches_tracked` has no flax counterpart.
+
+    An importer must also change layouts: torch conv weights are OIHW [O, I, kh, kw], flax
+    kernels HWIO [kh, kw, I, O] (`w.transpose(2, 3, 1, 0)`); BatchNorm vectors [C] are the same.
+    torchvision's weights also expect ImageNet mean/std normalization, not pixels in [-1, 1].
+
+    Raises:
+      ValueError: a leaf name that ResNet50 does not have.
+    """
+    *modules, leaf = flax_path
+    if leaf not in _TORCH_LEAF:
+        raise ValueError(f"not a ResNet50 variable: {'/'.join(flax_path)}")
+    # Flax names cannot hold torch's index dots: layer1_0 is layer1.0, downsample_1 downsample.1.
+    modules = [re.sub(r"^(layer\d|downsample)_(\d+)$", r"\1.\2", m) for m in modules]
+    return ".".join([*modules, _TORCH_LEAF[leaf]])

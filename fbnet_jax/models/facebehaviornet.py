@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from fbnet_jax.models import backbones
 
-BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace}
+BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace,
+             "resnet50": backbones.ResNet50}
 # Computation dtypes of the backbone (parameters and heads stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
 
