@@ -114,7 +114,7 @@ def get_config(arg: str = ""):
         aus=(taxonomy.DATASET_AUS["affwild2"] if not tiny else None), video_frames=50, **common)
 
     config.model = ConfigDict(dict(
-        backbone="small_cnn",   # small_cnn | vgg_face
+        backbone="small_cnn",   # small_cnn | vgg_face | resnet50
         num_expressions=len(taxonomy.EXPRESSIONS),  # size of the expression head
         dtype="float32",        # backbone computation dtype (bfloat16 on accelerators)
         backbones=ConfigDict(dict(   # settings of each backbone; only the chosen one is used
@@ -127,12 +127,23 @@ def get_config(arg: str = ""):
                 fc=4096,        # width of fc6 and fc7
                 dropout=0.5,    # dropout after fc6 and fc7
             )),
+            resnet50=ConfigDict(dict(
+                dropout=0.0,    # dropout on the pooled 2048 features
+            )),
         )),
     ))
 
     config.loss = ConfigDict(dict(
-        weights=ConfigDict(dict(   # lambda of each term of the total loss (paper: all 1)
-            expression=1.0, au=1.0, va=1.0)),
+        weights=ConfigDict(dict(   # lambda of each term of the total loss; 0 = off (paper: all 1)
+            expression=1.0, au=1.0, va=1.0,
+            co_annotation=0.0,           # labels implied across tasks by the relatedness table
+            distribution_matching=0.0,   # each head's prediction as the other's soft target
+        )),
+        distribution_matching=ConfigDict(dict(
+            stop_gradient=False,   # True: targets are constants; False: gradients reach both heads
+        )),
+        relatedness="du2014",   # expression-AU table of the couplings: "du2014" (Du et al. 2014)
+                                # or a file written by `fbnet relatedness`
     ))
 
     config.optimizer = ConfigDict(dict(

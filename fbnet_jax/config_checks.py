@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, metrics, models, taxonomy
+from fbnet_jax import checkpointing, losses, metrics, models, relatedness, taxonomy
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import ConfigError, UserError
 
@@ -201,10 +201,27 @@ def _check_model_builds(config, problems):
 
 def _check_losses(config, problems):
     weights = config.loss.weights
+    known = losses.TASK_TERMS + losses.COUPLING_TERMS
     for name in weights.keys():
-        _range(problems, f"loss.weights.{name}", weights[name], 0)
+        if name not in known:
+            problems.append(f"loss.weights.{name}: not a loss term; the terms are "
+                            f"{', '.join(known)}")
+        else:
+            _range(problems, f"loss.weights.{name}", weights[name], 0)
+    missing = [name for name in losses.TASK_TERMS if name not in weights]
+    if missing:
+        problems.append(f"loss.weights: no weight for {', '.join(missing)} (0 turns a term off)")
     if all(isinstance(weights[n], (int, float)) and weights[n] == 0 for n in weights.keys()):
         problems.append("loss.weights: all are 0; at least one loss term must be on")
+    if any(weights[n] for n in losses.COUPLING_TERMS if n in weights
+           and isinstance(weights[n], (int, float))):
+        if not isinstance(config.loss.distribution_matching.stop_gradient, bool):
+            problems.append(f"loss.distribution_matching.stop_gradient: must be True or False, "
+                            f"got {config.loss.distribution_matching.stop_gradient!r}")
+        try:
+            relatedness.load(config.loss.relatedness, config.data.aus)
+        except ConfigError as e:
+            problems.extend(e.problems)
 
 
 def _check_optimizer(config, problems):

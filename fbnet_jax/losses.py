@@ -14,15 +14,26 @@ gets is `axis_size` times the gradient of the global loss. The usual pmap step, 
 Masked-out label values are replaced by 0 before they are used, so whatever they hold (even NaN)
 changes neither the loss nor its gradient. A task without any labelled example in the batch
 contributes 0 with zero gradient.
+
+The coupling losses (`co_annotation_loss`, `distribution_matching_loss`) tie the tasks together
+through an expression-AU relatedness matrix R [7, A] and its prototypical mask P, constants of the
+step (`Coupling`; see fbnet_jax/relatedness.py for where they come from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from fbnet_jax import taxonomy
+
+TASK_TERMS = ("expression", "au", "va")
+COUPLING_TERMS = ("co_annotation", "distribution_matching")
 
 # Added to the CCC denominator var(x) + var(y) + (mean x - mean y)^2. That denominator is 0 only
 # when predictions and targets are both constant and equal (or fewer than one example is
@@ -138,23 +149,121 @@ def va_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
     return has_label * (1.0 - jnp.mean(ccc(pred, target, mask, axis_name)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Coupling:
+    """The constants of the coupling losses.
+
+    Attributes:
+      relatedness: R, float [7, A]: R[e, i] is how strongly expression e implies AU i (1 for a
+        prototypical AU, the fraction of people who showed an observational one; the Neutral row
+        is 0 in Du et al.'s table).
+      prototypical: P, bool [7, A]: the AUs that define each expression.
+      stop_gradient: distribution matching's targets are constants (True), or gradients reach
+        both heads through them (False).
+    """
+    relatedness: np.ndarray
+    prototypical: np.ndarray
+    stop_gradient: bool = False
+
+
+def co_annotation_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                       coupling: Coupling, axis_name: str | None = None) -> jax.Array:
+    """Labels one task implies for images that lack them, as extra (weighted) targets.
+
+    AU side: an image with expression label e gets target 1 for every AU i it has no label for,
+    with weight w_bi = R[e, i] (0 where R is 0). Per image the weighted BCE is normalised by its
+    total weight, then averaged over the images with any such target (as `au_loss` does):
+      L_au = mean over b with Σ_i w_bi > 0 of [Σ_i w_bi · BCE(s_bi, 1) / Σ_i w_bi].
+    Expression side (a choice of ours; the paper gives no formula): an image with at least one AU
+    label and no expression label gets expression e when every prototypical AU of e is labelled
+    and active, for exactly one e; images that match none or several get nothing:
+      L_expr = Σ_b c_b · CE(z_b, e_b) / max(1, Σ_b c_b).
+    Returns L_au + L_expr.
+    """
+    relatedness = jnp.asarray(coupling.relatedness, jnp.float32)
+    prototypical = jnp.asarray(coupling.prototypical, jnp.float32)
+    expression_mask = batch["expression_mask"].astype(jnp.float32)
+    au_mask = batch["au_mask"].astype(jnp.float32)
+    expression = jnp.where(expression_mask > 0, batch["expression"], 0).astype(jnp.int32)
+
+    weights = expression_mask[:, None] * (1.0 - au_mask) * relatedness[expression]  # [B, A]
+    bce_active = optax.sigmoid_binary_cross_entropy(
+        outputs["au_logits"].astype(jnp.float32), jnp.ones_like(weights))
+    total_weight = jnp.sum(weights, axis=-1)
+    has_target = (total_weight > 0).astype(jnp.float32)
+    per_image = jnp.sum(weights * bce_active, axis=-1) / jnp.where(total_weight > 0,
+                                                                   total_weight, 1.0)
+    au_term = (_sum(has_target * per_image, axis_name)
+               / jnp.maximum(1.0, _sum(has_target, axis_name)))
+
+    active = au_mask * jnp.where(au_mask > 0, batch["au"], 0.0).astype(jnp.float32)  # [B, A]
+    missing = (1.0 - active) @ prototypical.T  # [B, 7]: prototypical AUs not labelled active
+    defined = jnp.sum(prototypical, axis=-1) > 0  # expressions with prototypical AUs
+    matches = (missing == 0) & defined[None, :]
+    gets_label = ((expression_mask == 0) & (jnp.sum(au_mask, axis=-1) > 0)
+                  & (jnp.sum(matches, axis=-1) == 1)).astype(jnp.float32)
+    implied = jnp.argmax(matches, axis=-1).astype(jnp.int32)
+    expression_term = expression_loss(outputs["expression_logits"], implied, gets_label,
+                                      axis_name)
+    return au_term + expression_term
+
+
+def distribution_matching_loss(outputs: Mapping[str, jax.Array], coupling: Coupling,
+                               axis_name: str | None = None) -> jax.Array:
+    """Each head's prediction, mapped through R, as a soft target for the other head.
+
+    On every image, labelled or not, with p = sigmoid(AU logits) and softmax(z) the expression
+    distribution:
+      AU side: q_bi = Σ_e softmax(z_b)_e · R[e, i], ℓ_b = Σ_i BCE(target q_bi, logit s_bi);
+      expression side (our choice of the reverse direction): with R̂ the rows of R normalised to
+      sum 1, r_b = softmax_e(score_be), score_be = Σ_i R̂[e, i] · log p_bi, Neutral scored by
+      Σ_i log(1 − p_bi) / A, an expression whose row is all 0 excluded; ℓ'_b = CE(target r_b, z_b).
+    L = mean_b (ℓ_b + ℓ'_b). With `coupling.stop_gradient`, q and r are constants, so each head
+    learns only from the other's prediction; otherwise gradients reach both heads through them.
+    """
+    relatedness = jnp.asarray(coupling.relatedness, jnp.float32)
+    expression_logits = outputs["expression_logits"].astype(jnp.float32)
+    au_logits = outputs["au_logits"].astype(jnp.float32)
+    targets = (lambda x: jax.lax.stop_gradient(x)) if coupling.stop_gradient else (lambda x: x)
+
+    au_target = targets(jax.nn.softmax(expression_logits) @ relatedness)  # [B, A], in [0, 1]
+    au_side = jnp.sum(optax.sigmoid_binary_cross_entropy(au_logits, au_target), axis=-1)
+
+    row_sums = jnp.sum(relatedness, axis=-1, keepdims=True)
+    normalised = relatedness / jnp.where(row_sums > 0, row_sums, 1.0)
+    scores = jax.nn.log_sigmoid(au_logits) @ normalised.T  # [B, 7]
+    neutral = jnp.mean(jax.nn.log_sigmoid(-au_logits), axis=-1)
+    is_neutral = jnp.arange(relatedness.shape[0]) == taxonomy.NEUTRAL
+    scores = jnp.where(is_neutral[None, :], neutral[:, None], scores)
+    scores = jnp.where(is_neutral[None, :] | (row_sums[:, 0] > 0)[None, :], scores, -jnp.inf)
+    expression_target = targets(jax.nn.softmax(scores))
+    expression_side = optax.softmax_cross_entropy(expression_logits, expression_target)
+
+    count = _sum(jnp.ones_like(au_side), axis_name)
+    return _sum(au_side + expression_side, axis_name) / count
+
+
 def task_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                 weights: Mapping[str, float], axis_name: str | None = None,
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted sum of the task losses and every term for logging.
+                coupling: Coupling | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the losses and every term for logging.
 
-    total = Σ_name weights[name] · terms[name] over the three task terms "expression", "au" and
-    "va".
+    total = Σ_name weights[name] · terms[name] over the task terms "expression", "au" and "va"
+    and the coupling terms "co_annotation" and "distribution_matching". A coupling term whose
+    weight is 0 or absent is not computed at all, so with both off the loss and its gradients
+    are exactly those of the task terms alone.
 
     Args:
       outputs: model outputs with "expression_logits" [B, 7], "au_logits" [B, A] and "va" [B, 2].
       batch: labels and masks as in `data_pipelines/schema.py`: "expression", "expression_mask",
         "au", "au_mask", "va", "va_mask".
-      weights: one float per term name; a missing name is an error, not a default.
+      weights: one float per task term (a missing one is an error, not a default), and optionally
+        per coupling term.
       axis_name: pmap axis to sum over, or None (jit, sharded or not).
+      coupling: the relatedness constants; needed when a coupling weight is not 0.
 
     Returns:
-      (total, terms) where terms holds each unweighted term and "total".
+      (total, terms) where terms holds each unweighted term that was computed and "total".
     """
     terms = {
         "expression": expression_loss(outputs["expression_logits"], batch["expression"],
@@ -162,5 +271,12 @@ def task_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
         "au": au_loss(outputs["au_logits"], batch["au"], batch["au_mask"], axis_name),
         "va": va_loss(outputs["va"], batch["va"], batch["va_mask"], axis_name),
     }
+    coupled = [name for name in COUPLING_TERMS if weights.get(name, 0.0)]
+    if coupled and coupling is None:
+        raise ValueError(f"loss weights {coupled} are on but no Coupling was given")
+    if "co_annotation" in coupled:
+        terms["co_annotation"] = co_annotation_loss(outputs, batch, coupling, axis_name)
+    if "distribution_matching" in coupled:
+        terms["distribution_matching"] = distribution_matching_loss(outputs, coupling, axis_name)
     total = sum(weights[name] * term for name, term in terms.items())
     return total, {**terms, "total": total}

@@ -8,6 +8,12 @@
   fbnet eval --workdir DIR [--split SPLIT] [--step N] [--config.FIELD=VALUE ...]
       Re-evaluates the latest (or given) checkpoint of a run with the config stored in it;
       --config.FIELD=VALUE changes evaluation settings (e.g. data.eval_batch_size).
+  fbnet relatedness --out FILE [--config FILE[:VARIANT]] [--min_count N] [--max_examples N]
+                    [--config.FIELD=VALUE ...]
+      Counts P(AU active | expression) on the training data of the config's sources that label
+      both, prints it beside Du et al.'s table and writes it as a JSON table for
+      --config.loss.relatedness=FILE. Entries with fewer than --min_count (20) labelled examples
+      stay unestimated; --max_examples N reads at most N examples per source (a quick look).
 
 FILE is a path or the name of a shipped config (`synthetic`). Add --debug (or set FBNET_DEBUG=1)
 to see the traceback of an error. Exit status: 0 done; 1 failed (e.g. the training diverged);
@@ -30,7 +36,7 @@ from ml_collections import config_flags
 from fbnet_jax import config_files, logs
 from fbnet_jax.errors import UserError
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "relatedness")
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
@@ -42,6 +48,13 @@ _STEP = flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: 
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "train: continue a run although its config changed in fields "
     "that change the training (learning rate, steps, data, ...).")
+_OUT = flags.DEFINE_string("out", None, "relatedness: the JSON table file to write.")
+_MIN_COUNT = flags.DEFINE_integer(
+    "min_count", 20, "relatedness: entries with fewer labelled examples stay unestimated.",
+    lower_bound=1)
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples", None, "relatedness: read at most this many examples per source (default: "
+    "all).", lower_bound=1)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
 
 log = logging.getLogger("fbnet_jax.main")
@@ -124,13 +137,14 @@ def _command(argv: list[str]) -> str:
 def _parse(argv: list[str]) -> tuple[str, object]:
     """Defines the `--config` flag for the command and parses every flag.
 
-    train: the config comes from --config FILE[:VARIANT] (default: the shipped synthetic one).
+    train, relatedness: the config comes from --config FILE[:VARIANT] (default: the shipped
+    synthetic one).
     eval: it is the config stored with the checkpoint being evaluated (--workdir, --step).
-    In both, `--config.FIELD=VALUE` overrides are checked against that config.
+    In all, `--config.FIELD=VALUE` overrides are checked against that config.
     """
     spec, argv = _option_value(argv, "config")
     command = _command(argv)
-    if command == "train":
+    if command in ("train", "relatedness"):
         config = config_files.load(spec or config_files.DEFAULT)
     else:
         if spec is not None:
@@ -142,14 +156,17 @@ def _parse(argv: list[str]) -> tuple[str, object]:
         logs.quiet_libraries()
         config, _ = evaluate.checkpoint_config(_WORKDIR.value, _STEP.value)
     _check_overrides(argv, config)
-    holder = config_flags.DEFINE_config_dict(
-        "config", config, "The experiment config; override its fields with --config.FIELD=VALUE.",
-        lock_config=True, sys_argv=argv)
-    try:
+    try:  # the overrides are parsed both here (named in sys_argv) and by FLAGS(argv)
+        holder = config_flags.DEFINE_config_dict(
+            "config", config, "The experiment config; override its fields with "
+            "--config.FIELD=VALUE.", lock_config=True, sys_argv=argv)
         flags.FLAGS(argv)
-    except flags.Error as e:
-        raise UserError(str(e)) from e
-    misplaced = {"train": ("split", "step"), "eval": ("allow_config_change",)}[command]
+    except (flags.Error, TypeError, ValueError) as e:
+        raise UserError(str(e).split(" Currently supported types")[0]) from e
+    relatedness_flags = ("out", "min_count", "max_examples")
+    misplaced = {"train": ("split", "step", *relatedness_flags),
+                 "eval": ("allow_config_change", *relatedness_flags),
+                 "relatedness": ("workdir", "split", "step", "allow_config_change")}[command]
     given = [f"--{name}" for name in misplaced if flags.FLAGS[name].present]
     if given:
         raise UserError(f"{' and '.join(given)}: not a flag of fbnet {command}")
@@ -174,6 +191,11 @@ def _default_workdir(name: str) -> Path:
 def main(command: str, config) -> int:
     """Runs a parsed command with its config; returns the exit status."""
     # Imported after flag parsing so that `fbnet --help` stays fast.
+    if command == "relatedness":
+        from fbnet_jax import relatedness  # pylint: disable=g-import-not-at-top
+        relatedness.run_command(config, _OUT.value, min_count=_MIN_COUNT.value,
+                                max_examples=_MAX_EXAMPLES.value)
+        return 0
     from fbnet_jax import evaluate, train  # pylint: disable=g-import-not-at-top
     if command == "train":
         workdir = Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir(config.name)

@@ -34,7 +34,7 @@ import optax
 import tensorboardX
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel
+from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel, relatedness
 from fbnet_jax import metrics as metrics_lib
 from fbnet_jax.errors import ConfigError, UserError
 from fbnet_jax.state import TrainState, create_state
@@ -42,8 +42,22 @@ from fbnet_jax.state import TrainState, create_state
 log = logging.getLogger(__name__)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mapping[str, float]):
-    """Returns the pure step `(state, batch) -> (state, metrics)`; jit it with shardings."""
+def coupling_for(config: ml_collections.ConfigDict) -> losses.Coupling | None:
+    """The constants of the coupling losses (None when both coupling weights are 0)."""
+    weights = config.loss.weights
+    if not any(weights.get(name, 0.0) for name in losses.COUPLING_TERMS):
+        return None
+    table = relatedness.load(config.loss.relatedness, config.data.aus)
+    return losses.Coupling(table.matrix, table.prototypical,
+                           stop_gradient=config.loss.distribution_matching.stop_gradient)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
+                    coupling: losses.Coupling | None = None):
+    """Returns the pure step `(state, batch) -> (state, metrics)`; jit it with shardings.
+
+    `coupling` holds the relatedness constants of the coupling losses (`coupling_for(config)`).
+    """
     weights = dict(loss_weights)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
@@ -53,7 +67,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mappi
             outputs, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
                 rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            total, terms = losses.task_losses(outputs, batch, weights)
+            total, terms = losses.task_losses(outputs, batch, weights, coupling=coupling)
             return total, (terms, updates.get("batch_stats", {}))
 
         (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -252,7 +266,13 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
     try:
         if latest is not None and latest == train_cfg.num_steps:
             return _finished_run(config, workdir, mesh, model, state, manager, latest, stop)
-        train_step = jax.jit(make_train_step(model, tx, config.loss.weights), donate_argnums=0,
+        coupling = coupling_for(config)
+        if coupling is not None:
+            log.info("coupling losses on (%s), relatedness: %s", ", ".join(
+                f"{name} {config.loss.weights[name]:g}" for name in losses.COUPLING_TERMS
+                if config.loss.weights.get(name, 0.0)), config.loss.relatedness)
+        train_step = jax.jit(make_train_step(model, tx, config.loss.weights, coupling),
+                             donate_argnums=0,
                              out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
         data_iterator = pipeline.build_train_iterator(config)
         writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_main else None

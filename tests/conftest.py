@@ -31,12 +31,15 @@ def tiny_config():
     return load_config("synthetic.py", "tiny")
 
 
-def run_isolated(code: str, *, devices: int = 1, timeout: int = 300, cwd=None):
-    """Runs python code in a fresh interpreter with `devices` fake CPU devices; returns stdout."""
+def run_isolated(code: str, *, devices: int = 1, timeout: int = 300, cwd=None, args=()):
+    """Runs python code in a fresh interpreter with `devices` fake CPU devices; returns stdout.
+
+    `args` become the script's sys.argv[1:].
+    """
     import subprocess  # pylint: disable=g-import-not-at-top
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd or REPO,
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd or REPO,
                             capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -26,7 +26,7 @@ BAD_FIELDS = [
     ("train.num_steps", 0, "train.num_steps: must be >= 1, got 0"),
     ("train.best_mode", "maximum", "train.best_mode: 'maximum' is not one of 'max', 'min'"),
     ("model.backbone", "resnet", "model.backbone: unknown backbone 'resnet'; known: small_cnn, "
-                                 "vgg_face"),
+                                 "vgg_face, resnet50"),
     ("model.dtype", "float8", "model.dtype: 'float8' is not one of 'float32', 'bfloat16', "
                               "'float16'"),
     ("optimizer.name", "adam", "optimizer.name: 'adam' is not one of 'adamw', 'sgd'"),
@@ -42,6 +42,7 @@ BAD_FIELDS = [
                                              "and >= 0, got -0.5"),
     ("data.sources.rafdb_like.test_size", 0, "data.sources.rafdb_like.test_size: must be >= 1, "
                                              "got 0"),
+    ("loss.weights.co_annotation", -1.0, "loss.weights.co_annotation: must be >= 0, got -1.0"),
 ]
 
 
@@ -55,6 +56,16 @@ def test_each_bad_field_is_named_with_what_is_allowed(tiny_config, field, value,
     with pytest.raises(ConfigError) as raised:
         config_checks.validate(tiny_config, num_devices=8, num_processes=1)
     assert raised.value.problems == [problem]
+
+
+def test_coupling_settings_are_checked_only_when_a_coupling_is_on(tiny_config, tmp_path):
+    tiny_config.loss.relatedness = str(tmp_path / "missing.json")
+    assert config_checks.validate(tiny_config, num_devices=1) == []  # couplings off: unused
+    tiny_config.loss.weights.distribution_matching = 1.0
+    with pytest.raises(ConfigError) as raised:
+        config_checks.validate(tiny_config, num_devices=1)
+    (problem,) = raised.value.problems
+    assert problem.startswith("loss.relatedness: ") and "missing.json" in problem
 
 
 def test_a_misspelt_best_metric_is_refused_with_examples(tiny_config):

@@ -228,7 +228,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from fbnet_jax import losses
+    from fbnet_jax import losses, taxonomy
     from test_losses import WEIGHTS, _batch
 
     devices = jax.devices()
@@ -238,33 +238,46 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     batch["va_mask"][8:] = 0.0           # shards 4-7: no VA label
     batch["au_mask"][2:4] = 0.0          # shard 1: no AU label
 
-    def loss_and_grad(outputs, batch, axis_name=None):
-        def total(o):
-            return losses.task_losses(o, batch, WEIGHTS, axis_name)
-        (value, terms), grads = jax.value_and_grad(total, has_aux=True)(outputs)
-        return terms, grads
+    coupling = losses.Coupling(taxonomy.basic_relatedness(),
+                               taxonomy.prototypical_mask(taxonomy.EXPRESSIONS))
+    coupled = dict(WEIGHTS, co_annotation=1.0, distribution_matching=1.0)
+    # Two AU-only rows on shards 5 and 6 that co-annotation labels Happiness (AUs 12, 25).
+    for row in (10, 13):
+        batch["expression_mask"][row] = 0.0
+        batch["au_mask"][row] = 1.0
+        batch["au"][row] = 0.0
+        batch["au"][row, [taxonomy.AUS.index(12), taxonomy.AUS.index(25)]] = 1.0
 
-    one = jax.device_put((outputs, batch), devices[0])
-    single_terms, single_grads = jax.jit(loss_and_grad)(*one)
+    for weights in (WEIGHTS, coupled):
+        def loss_and_grad(outputs, batch, axis_name=None):
+            def total(o):
+                return losses.task_losses(o, batch, weights, axis_name, coupling=coupling)
+            (value, terms), grads = jax.value_and_grad(total, has_aux=True)(outputs)
+            return terms, grads
 
-    mesh = Mesh(np.array(devices), ("data",))
-    sharded = jax.device_put((outputs, batch), NamedSharding(mesh, P("data")))
-    jit_terms, jit_grads = jax.jit(loss_and_grad)(*sharded)
-    assert jit_grads["va"].sharding.spec == P("data"), jit_grads["va"].sharding
+        one = jax.device_put((outputs, batch), devices[0])
+        single_terms, single_grads = jax.jit(loss_and_grad)(*one)
 
-    split = jax.tree.map(lambda x: x.reshape((8, -1) + x.shape[1:]), (outputs, batch))
-    pmap_terms, pmap_grads = jax.pmap(
-        lambda o, b: loss_and_grad(o, b, "data"), axis_name="data")(*split)
+        mesh = Mesh(np.array(devices), ("data",))
+        sharded = jax.device_put((outputs, batch), NamedSharding(mesh, P("data")))
+        jit_terms, jit_grads = jax.jit(loss_and_grad)(*sharded)
+        assert jit_grads["va"].sharding.spec == P("data"), jit_grads["va"].sharding
 
-    for name, value in single_terms.items():
-        np.testing.assert_allclose(jit_terms[name], value, rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(pmap_terms[name], np.full(8, value), rtol=1e-5, err_msg=name)
-    for name, grad in single_grads.items():
-        np.testing.assert_allclose(jit_grads[name], grad, rtol=1e-4, atol=1e-7, err_msg=name)
-        # grad transposes psum into psum: each device holds 8x its slice of the global gradient.
-        np.testing.assert_allclose(np.asarray(pmap_grads[name]).reshape(grad.shape) / 8, grad,
-                                   rtol=1e-4, atol=1e-7, err_msg=name)
-    print("ok", {{name: float(value) for name, value in single_terms.items()}})
+        split = jax.tree.map(lambda x: x.reshape((8, -1) + x.shape[1:]), (outputs, batch))
+        pmap_terms, pmap_grads = jax.pmap(
+            lambda o, b: loss_and_grad(o, b, "data"), axis_name="data")(*split)
+
+        for name, value in single_terms.items():
+            np.testing.assert_allclose(jit_terms[name], value, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(pmap_terms[name], np.full(8, value), rtol=1e-5,
+                                       err_msg=name)
+        for name, grad in single_grads.items():
+            np.testing.assert_allclose(jit_grads[name], grad, rtol=1e-4, atol=1e-7, err_msg=name)
+            # grad transposes psum into psum: each device holds 8x its slice of the global
+            # gradient.
+            np.testing.assert_allclose(np.asarray(pmap_grads[name]).reshape(grad.shape) / 8,
+                                       grad, rtol=1e-4, atol=1e-7, err_msg=name)
+        print("ok", {{name: float(value) for name, value in single_terms.items()}})
 """)
 
 
@@ -277,4 +290,171 @@ def test_losses_are_exact_on_a_batch_sharded_over_8_devices_and_under_pmap():
         env=env, capture_output=True, text=True, timeout=300,
         cwd=os.path.dirname(tests_dir))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("ok"), result.stdout
+    plain, coupled = result.stdout.splitlines()
+    assert plain.startswith("ok") and coupled.startswith("ok"), result.stdout
+    assert "'co_annotation'" in coupled and "'distribution_matching'" in coupled
+
+
+# --- coupling losses ------------------------------------------------------------------------
+
+# A hand-made table over 4 AUs. Rows: Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise.
+R4 = np.array([[0.0, 0.0, 0.0, 0.0],
+               [1.0, 0.0, 0.5, 0.0],
+               [0.0, 1.0, 0.0, 0.0],
+               [0.0, 0.0, 0.0, 0.0],   # no relation: excluded from the expression side
+               [0.0, 0.0, 1.0, 1.0],
+               [1.0, 0.0, 0.0, 0.25],
+               [0.0, 1.0, 1.0, 0.0]], np.float32)
+P4 = R4 == 1.0
+COUPLING4 = losses.Coupling(R4, P4)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_co_annotation_gives_expression_only_images_the_tables_aus_with_their_weights():
+    au_logits = np.array([[0.3, -1.2, 0.7, 2.0], [1.5, 0.1, -0.4, -2.0],
+                          [0.2, 0.2, 0.2, 0.2]], np.float32)
+    outputs = {"au_logits": au_logits, "expression_logits": np.zeros((3, 7), np.float32)}
+    batch = {"expression": np.array([1, 5, 4], np.int32),
+             "expression_mask": np.array([1, 1, 0], np.float32),  # row 2: no expression label
+             "au": np.zeros((3, 4), np.float32),
+             "au_mask": np.array([[0, 0, 1, 0],   # Anger; AU 3 labelled: only AU 1 (w 1) left
+                                  [0, 1, 1, 0],   # Sadness: AUs 1 (w 1) and 4 (w 0.25)
+                                  [0, 0, 0, 0]], np.float32)}
+    row0 = _bce(0.3, 1)  # R[Anger] = (1, 0, 0.5, 0); AU 3 is labelled, so only AU 1
+    row1 = (1.0 * _bce(1.5, 1) + 0.25 * _bce(-2.0, 1)) / 1.25
+    expected = (row0 + row1) / 2
+    value = losses.co_annotation_loss(outputs, batch, COUPLING4)
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("active, implied", [
+    ([1, 0, 1, 0], None),   # AU 1 completes Anger and Sadness (both {1}): ambiguous
+    ([0, 1, 0, 0], 2),      # Disgust {2}; Surprise {2, 3} is incomplete
+    ([0, 0, 1, 1], 4),      # Happiness: AUs 3 and 4, the only complete prototypical set
+    ([0, 1, 1, 1], None),   # Happiness and Surprise (AUs 2, 3) both complete: ambiguous
+    ([0, 0, 0, 0], None),   # nothing active
+])
+def test_co_annotation_gives_au_only_images_the_one_matching_expression(active, implied):
+    # Prototypical sets: Anger {1}, Disgust {2}, Happiness {3, 4}, Sadness {1}, Surprise {2, 3}.
+    logits = np.array([[0.5, -0.3, 1.2, 0.1, 2.0, -1.0, 0.4]], np.float32)
+    outputs = {"au_logits": np.zeros((1, 4), np.float32), "expression_logits": logits}
+    batch = {"expression": np.zeros(1, np.int32), "expression_mask": np.zeros(1, np.float32),
+             "au": np.array([active], np.float32), "au_mask": np.ones((1, 4), np.float32)}
+    value = float(losses.co_annotation_loss(outputs, batch, COUPLING4))
+    expected = 0.0 if implied is None else _cross_entropy(logits[0].tolist(), implied)
+    assert value == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_co_annotation_needs_the_prototypical_aus_labelled():
+    # Happiness needs AUs 3 and 4 active and labelled; AU 4 unlabelled (though 1): no label.
+    outputs = {"au_logits": np.zeros((1, 4), np.float32),
+               "expression_logits": np.zeros((1, 7), np.float32)}
+    batch = {"expression": np.zeros(1, np.int32), "expression_mask": np.zeros(1, np.float32),
+             "au": np.array([[0, 0, 1, 1]], np.float32),
+             "au_mask": np.array([[1, 1, 1, 0]], np.float32)}
+    assert float(losses.co_annotation_loss(outputs, batch, COUPLING4)) == 0.0
+
+
+def _np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def _dm_by_hand(z, s, table):
+    """Distribution matching of one image, written out with loops."""
+    pe = [math.exp(v) for v in z]
+    pe = [v / sum(pe) for v in pe]
+    p = [_sigmoid(v) for v in s]
+    num_aus = len(s)
+    q = [sum(pe[e] * table[e][i] for e in range(7)) for i in range(num_aus)]
+    au_side = sum(_bce(s[i], q[i]) for i in range(num_aus))
+    scores = []
+    for e in range(7):
+        row = table[e]
+        if e == 0:
+            scores.append(sum(math.log(1 - v) for v in p) / num_aus)
+        elif sum(row) > 0:
+            scores.append(sum(row[i] / sum(row) * math.log(p[i]) for i in range(num_aus)))
+        else:
+            scores.append(None)
+    finite = [v for v in scores if v is not None]
+    norm = sum(math.exp(v) for v in finite)
+    r = [0.0 if v is None else math.exp(v) / norm for v in scores]
+    log_pe = [math.log(v) for v in pe]
+    expression_side = -sum(r[e] * log_pe[e] for e in range(7))
+    return au_side + expression_side
+
+
+def test_distribution_matching_in_both_directions_by_hand():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(3, 7)).astype(np.float32)
+    s = rng.normal(size=(3, 4)).astype(np.float32)
+    value = losses.distribution_matching_loss({"expression_logits": z, "au_logits": s},
+                                              COUPLING4)
+    expected = np.mean([_dm_by_hand(z[b].tolist(), s[b].tolist(), R4.tolist()) for b in range(3)])
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    stopped = losses.distribution_matching_loss({"expression_logits": z, "au_logits": s},
+                                                losses.Coupling(R4, P4, stop_gradient=True))
+    assert float(stopped) == float(value)  # the same value; only the gradients differ
+
+
+def test_distribution_matching_stop_gradient_decides_which_head_learns_from_what():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(2, 7)).astype(np.float32)
+    s = rng.normal(size=(2, 4)).astype(np.float32)
+
+    def grads(stop):
+        def f(z, s):
+            return losses.distribution_matching_loss(
+                {"expression_logits": z, "au_logits": s}, losses.Coupling(R4, P4, stop))
+        return jax.grad(f, argnums=(0, 1))(z, s)
+
+    dz_stop, ds_stop = grads(True)
+    # With constant targets each head's gradient is its own cross-entropy's: (prediction -
+    # target) / B, the target being the other head's prediction mapped through R.
+    pe = jax.nn.softmax(z)
+    q = pe @ R4
+    np.testing.assert_allclose(ds_stop, (jax.nn.sigmoid(s) - q) / 2, rtol=1e-5, atol=1e-7)
+    log_p = np.log(_np_sigmoid(s))
+    rows = R4 / np.maximum(R4.sum(1, keepdims=True), 1e-30)
+    scores = log_p @ rows.T
+    scores[:, 0] = np.log(1 - _np_sigmoid(s)).mean(1)
+    scores[:, 3] = -np.inf  # Fear's row is empty
+    r = np.exp(scores - scores.max(1, keepdims=True))
+    r /= r.sum(1, keepdims=True)
+    np.testing.assert_allclose(dz_stop, (pe - r) / 2, rtol=1e-5, atol=1e-7)
+    dz_free, ds_free = grads(False)
+    assert not np.allclose(dz_free, dz_stop) and not np.allclose(ds_free, ds_stop)
+    for g in (dz_stop, ds_stop, dz_free, ds_free):
+        assert np.isfinite(np.asarray(g)).all()
+
+
+def test_coupled_losses_are_finite_with_nothing_labelled():
+    outputs, batch = _batch(11, num_aus=4)
+    for field in ("expression_mask", "au_mask", "va_mask"):
+        batch[field] = np.zeros_like(batch[field])
+    weights = {**WEIGHTS, "co_annotation": 1.0, "distribution_matching": 1.0}
+    for stop in (False, True):
+        coupling = losses.Coupling(R4, P4, stop)
+        value, grads = jax.value_and_grad(
+            lambda o: losses.task_losses(o, batch, weights, coupling=coupling)[0])(outputs)
+        assert np.isfinite(float(value))
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+        terms = losses.task_losses(outputs, batch, weights, coupling=coupling)[1]
+        assert float(terms["co_annotation"]) == 0.0  # no label, nothing implied
+
+
+def test_coupling_off_is_exactly_the_plain_loss():
+    outputs, batch = _batch(12)
+    plain_value, plain_grads = _loss_and_grad(outputs, batch)
+    off = {**WEIGHTS, "co_annotation": 0.0, "distribution_matching": 0.0}
+    value, grads = _loss_and_grad(outputs, batch, off)
+    assert float(value) == float(plain_value)
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], plain_grads[name])
+    _, terms = losses.task_losses(outputs, batch, off)
+    assert set(terms) == {"expression", "au", "va", "total"}  # off terms are not computed
+    with pytest.raises(ValueError, match="no Coupling was given"):
+        losses.task_losses(outputs, batch, {**WEIGHTS, "co_annotation": 1.0})

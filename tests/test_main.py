@@ -119,7 +119,11 @@ USER_ERRORS = [
      "train.num_steps?"),
     (["train", "--config", "nothere.py"],
      "--config nothere.py: no such file, and not a config shipped with fbnet_jax (those are: "
-     "synthetic.py)"),
+     "paper_vgg.py, synthetic.py)"),
+    (["train", "--config", "synthetic:tiny", "--config.data.sources.affwild2_like.synthetic."
+      "label_aus=(1,)"],
+     "Type <class 'NoneType'> of field config.data.sources.affwild2_like.synthetic.label_aus is "
+     "not supported for overriding."),
     (["train", "--config", "synthetic:huge"],
      "--config synthetic:huge: ValueError: unknown variant 'huge' of configs/synthetic.py; use "
      "'' or 'tiny'"),
@@ -127,8 +131,8 @@ USER_ERRORS = [
     (["train", "--config.train.num_steps=abc"],
      "flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["train", "--config", "synthetic:tiny", "--step", "3"], "--step: not a flag of fbnet train"),
-    (["fit"], "usage: fbnet {train|eval} [flags] (got 'fit'); see fbnet --help"),
-    ([], "usage: fbnet {train|eval} [flags]; see fbnet --help"),
+    (["fit"], "usage: fbnet {train|eval|relatedness} [flags] (got 'fit'); see fbnet --help"),
+    ([], "usage: fbnet {train|eval|relatedness} [flags]; see fbnet --help"),
     (["eval"], "fbnet eval needs --workdir (the folder of a training run)"),
     (["eval", "--workdir", "/nonexistent/run"], "--workdir /nonexistent/run: no such directory"),
     (["eval", "--workdir", "WORKDIR", "--config", "synthetic"],
@@ -156,7 +160,7 @@ def test_a_config_mistake_fails_before_anything_is_written(tmp_path):
         "fbnet: error: invalid config:",
         "  - train.test_split: 'tset' is not a split of affectnet_like, affwild2_like, rafdb_like "
         "(splits every source has: test, train, validation)",
-        "  - model.backbone: unknown backbone 'resnet'; known: small_cnn, vgg_face"]
+        "  - model.backbone: unknown backbone 'resnet'; known: small_cnn, vgg_face, resnet50"]
     assert not workdir.exists()
 
 
@@ -232,3 +236,37 @@ def test_restarts_and_eval_of_a_run(tmp_path):
         out, _ = process.communicate(timeout=120)
         assert process.returncode == 2, out
         assert out.strip().splitlines()[0].startswith(f"fbnet: error: {message}"), out
+
+
+def test_relatedness_command_writes_a_table_and_refuses_mistakes_in_one_line(tmp_path):
+    from fbnet_jax import relatedness, taxonomy  # pylint: disable=g-import-not-at-top
+    table = tmp_path / "table.json"
+    tiny = ["relatedness", "--config", "configs/synthetic.py:tiny"]
+    process = _fbnet(*tiny, "--out", str(table), "--max_examples", "200")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    assert "\nAU               1    2    4    5    6 " in out and "\nSurprise  est " in out, out
+    estimated = sum(n >= 20 for row in json.loads(table.read_text())["counts"] for n in row)
+    assert out.rstrip().splitlines()[-1].endswith(
+        f"wrote {table} ({estimated} of 119 entries estimated); train with it: "
+        f"--config.loss.relatedness={table}")
+    loaded = relatedness.load(str(table), taxonomy.AUS)
+    assert loaded.source.startswith(
+        f"{table}: P(AU active | expression) counted on the training split of config "
+        f"'synthetic_tiny': affwild2_like (200 examples), at most 200 per source")
+
+    for args, message in (
+            ([*tiny, "--out", str(table),
+              "--config.data.sources.affwild2_like.synthetic.label_expression=false"],
+             "no training source labels an expression and AUs on the same examples, so there is "
+             "nothing to estimate P(AU | expression) from: affectnet_like labels expressions and "
+             "no AU; affwild2_like labels AUs and no expression; rafdb_like labels expressions "
+             "and no AU"),
+            (tiny, "fbnet relatedness needs --out FILE (the JSON table to write)"),
+            ([*tiny, "--out", str(table), "--step", "3"],
+             "--step: not a flag of fbnet relatedness"),
+            (["train", "--out", str(table)], "--out: not a flag of fbnet train")):
+        process = _fbnet(*args)
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 2, out
+        assert out.strip().splitlines() == [f"fbnet: error: {message}"]

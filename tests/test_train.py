@@ -183,6 +183,39 @@ def test_a_stop_request_abandons_an_evaluation_and_checkpoints(tiny_config, tmp_
         f"--workdir {tmp_path}) to continue")
 
 
+def test_coupling_off_gives_bit_for_bit_the_plain_step(tiny_config):
+    mesh = parallel.create_mesh()
+    model, tx, _, state = state_lib.create_state(tiny_config, mesh)
+    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    assert tiny_config.loss.weights.co_annotation == 0.0  # the shipped configs: couplings off
+    assert train.coupling_for(tiny_config) is None
+    plain = {k: tiny_config.loss.weights[k] for k in ("expression", "au", "va")}
+    results = []
+    for weights in (plain, tiny_config.loss.weights):
+        step = jax.jit(train.make_train_step(model, tx, weights, train.coupling_for(tiny_config)))
+        results.append(step(state, batch))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_coupling_switches_from_the_config_train_and_are_logged(tiny_config, tmp_path):
+    tiny_config.train.eval_every = 0
+    tiny_config.loss.weights.co_annotation = 1.0
+    tiny_config.loss.weights.distribution_matching = 0.5
+    tiny_config.loss.distribution_matching.stop_gradient = True
+    results = train.train_and_evaluate(tiny_config, tmp_path)
+    assert math.isfinite(results["test/expression_accuracy"])
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/co_annotation", "loss/distribution_matching"} <= tags
+    log_text = (tmp_path / "train.log").read_text()
+    assert "coupling losses on (co_annotation 1, distribution_matching 0.5), relatedness: du2014" \
+        in log_text
+    assert "co_annotation " in log_text and "distribution_matching " in log_text  # console lines
+
+
 def test_the_best_evaluation_is_kept_between_checkpoint_steps(tiny_config, tmp_path):
     # Evaluations at steps 2 and 4, checkpoints only every 100 steps (and at the end): the best
     # evaluated state must still be kept.
@@ -281,6 +314,8 @@ from fbnet_jax import parallel, train
 from fbnet_jax import state as state_lib
 
 config = load_config("synthetic.py", "tiny")
+config.loss.weights.co_annotation = float(sys.argv[1])
+config.loss.weights.distribution_matching = float(sys.argv[1])
 iterator = pipeline.build_train_iterator(config)
 local = next(iterator)
 pipeline.close_iterator(iterator)
@@ -288,7 +323,8 @@ out = {}
 for n in (1, 8):
     mesh = parallel.create_mesh(jax.devices()[:n])
     model, tx, _, state = state_lib.create_state(config, mesh)
-    step = jax.jit(train.make_train_step(model, tx, config.loss.weights))
+    step = jax.jit(train.make_train_step(model, tx, config.loss.weights,
+                                         train.coupling_for(config)))
     new_state, metrics = step(state, parallel.global_batch(local, mesh))
     assert new_state.params["expression_head"]["kernel"].sharding.is_fully_replicated
     out[n] = {"metrics": {k: float(v) for k, v in metrics.items()},
@@ -297,9 +333,12 @@ print(json.dumps(out))
 """
 
 
-def test_same_loss_and_update_on_1_and_8_devices():
-    out = json.loads(run_isolated(_DEVICES_CODE, devices=8).strip().splitlines()[-1])
+@pytest.mark.parametrize("coupling_weight", [0.0, 1.0])
+def test_same_loss_and_update_on_1_and_8_devices(coupling_weight):
+    out = json.loads(run_isolated(_DEVICES_CODE, devices=8, args=[str(coupling_weight)]
+                                  ).strip().splitlines()[-1])
     one, eight = out["1"], out["8"]
+    assert ("loss/co_annotation" in one["metrics"]) == bool(coupling_weight)
     for key, value in one["metrics"].items():
         assert eight["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for a, b in zip(one["params"], eight["params"]):
