@@ -27,7 +27,7 @@ def _style(**levels):
 
 def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, aus,
                       video_frames=0, compound=False, style=None, test_size=400,
-                      validation_size=200):
+                      validation_size=200, au_table="du2014"):
     """One synthetic dataset of the mixture.
 
     Args mirror the fields below; `aus` is the tuple of AU numbers the train split labels
@@ -48,6 +48,8 @@ def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, 
             compound=compound,             # draw RAF-DB compound classes instead of basic ones
             video_frames=video_frames,     # > 0: runs of this many records are frames of one clip
             style=style or _style(),       # nuisance levels
+            au_table=au_table,             # the expression-AU table faces are drawn from:
+                                           # du2014 | swapped (a documented mismatch)
         )),
     ))
 

@@ -70,6 +70,14 @@ BASE_RATE = 0.05           # P(active) of AUs unrelated to the expression (Neutr
 # is frequent in spontaneous data, e.g. BP4D).
 FREE_AU_RATE = 0.2
 MIN_IMAGE_SIZE = 8         # smallest image side the renderer draws a face at
+
+# The tables the generator can draw AUs from (`SyntheticSpec.au_table`). "du2014" is the table the
+# coupling losses assume by default. "swapped" is the same table with these AU columns exchanged:
+# a world whose expressions move other AUs than the losses' prior says (Happiness shows AU14
+# instead of AU12, Sadness AU5 and AU17 instead of AU4 and AU15, Fear AU2, AU5 and AU23 instead
+# of AU1, AU4 and AU20, ...), to measure what a wrong prior does to the couplings.
+AU_TABLES = ("du2014", "swapped")
+SWAPPED_AU_PAIRS = ((1, 2), (4, 5), (12, 14), (15, 17), (20, 23))
 MIN_INTENSITY = 0.35       # active AUs are never fainter, so every active AU stays visible
 VA_NOISE = 0.08            # std of the valence/arousal scatter around the prototype
 
@@ -91,6 +99,7 @@ class SyntheticSpec:
       video_frames: > 0: each run of this many consecutive records is one clip (same person,
         background and expression; intensity and pose drift slowly).
       style: nuisance levels.
+      au_table: which expression-AU table the AUs are drawn from (AU_TABLES); basic faces only.
     """
     num_records: int
     seed: int = 0
@@ -101,13 +110,15 @@ class SyntheticSpec:
     compound: bool = False
     video_frames: int = 0
     style: Style = dataclasses.field(default_factory=Style)
+    au_table: str = "du2014"
 
     def __post_init__(self):
         # Configs hand over lists; a tuple keeps the spec hashable and its repr stable.
         if self.label_aus is not None:
             object.__setattr__(self, "label_aus", tuple(int(a) for a in self.label_aus))
         if (self.num_records < 0 or self.image_size < MIN_IMAGE_SIZE
-                or self.video_frames < 0):
+                or self.video_frames < 0 or self.au_table not in AU_TABLES
+                or (self.compound and self.au_table != "du2014")):
             raise ValueError(f"invalid SyntheticSpec {self}")
 
 
@@ -133,19 +144,21 @@ class FaceLabels:
         return (self.au_intensity > 0).astype(np.int8)
 
 
-def au_probabilities(compound: bool = False, aus: Sequence[int] = taxonomy.AUS) -> np.ndarray:
+def au_probabilities(compound: bool = False, aus: Sequence[int] = taxonomy.AUS,
+                     au_table: str = "du2014") -> np.ndarray:
     """P(AU active | class): [7 or 11, A] from the relatedness table projected on `aus`.
 
     Prototypical AUs get PROTOTYPICAL_RATE, observational ones their table weight (the fraction of
     subjects who showed them), all others BASE_RATE (so Neutral is BASE_RATE everywhere), except
-    AUs that no class moves, which get FREE_AU_RATE everywhere. Read-only.
+    AUs that no class moves, which get FREE_AU_RATE everywhere. `au_table` picks the basic table
+    (AU_TABLES). Read-only.
     """
-    return _au_probabilities(bool(compound), tuple(aus))
+    return _au_probabilities(bool(compound), tuple(aus), au_table)
 
 
 @functools.lru_cache(maxsize=32)
-def _au_probabilities(compound: bool, aus: tuple[int, ...]) -> np.ndarray:
-    weights = _relatedness(compound, aus)
+def _au_probabilities(compound: bool, aus: tuple[int, ...], au_table: str) -> np.ndarray:
+    weights = relatedness_table(compound, aus, au_table)
     probs = np.where(weights >= 1.0, PROTOTYPICAL_RATE, np.maximum(weights, BASE_RATE))
     probs[:, ~(weights > 0).any(axis=0)] = FREE_AU_RATE
     probs.setflags(write=False)
@@ -153,9 +166,21 @@ def _au_probabilities(compound: bool, aus: tuple[int, ...]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _relatedness(compound: bool, aus: tuple[int, ...]) -> np.ndarray:
-    weights = (taxonomy.compound_relatedness(aus=aus) if compound
-               else taxonomy.basic_relatedness(aus))
+def relatedness_table(compound: bool, aus: tuple[int, ...], au_table: str = "du2014"
+                      ) -> np.ndarray:
+    """The class-AU table the generator draws from, projected on `aus` (read-only)."""
+    if au_table not in AU_TABLES:
+        raise ValueError(f"unknown au_table {au_table!r}; known: {AU_TABLES}")
+    if compound:
+        weights = taxonomy.compound_relatedness(aus=aus)
+    else:
+        all_aus = tuple(taxonomy.AU_NAMES)  # swap on the full AU set, then project
+        full = taxonomy.basic_relatedness(all_aus)
+        if au_table == "swapped":
+            column = {au: i for i, au in enumerate(all_aus)}
+            for a, b in SWAPPED_AU_PAIRS:
+                full[:, [column[a], column[b]]] = full[:, [column[b], column[a]]]
+        weights = full[:, [all_aus.index(au) for au in aus]]
     weights.setflags(write=False)
     return weights
 
@@ -170,24 +195,25 @@ def _class_va(compound: bool) -> np.ndarray:
 
 
 def draw_labels(rng: np.random.Generator, *, compound: bool = False,
-                aus: Sequence[int] = taxonomy.AUS) -> FaceLabels:
+                aus: Sequence[int] = taxonomy.AUS, au_table: str = "du2014") -> FaceLabels:
     """Draws the labels of one face.
 
     Args:
       rng: the face's generator (advanced by a fixed number of draws).
       compound: draw a compound class (uniform over RAF-DB's 11) instead of a basic expression.
       aus: the AU list.
+      au_table: the basic expression-AU table the AUs are drawn from (AU_TABLES).
 
     Returns:
       FaceLabels; active AUs have intensity MIN_INTENSITY..1, growing with the face's intensity.
     """
     aus = tuple(aus)
-    probs = au_probabilities(compound, aus)
+    probs = au_probabilities(compound, aus, au_table)
     k = int(rng.integers(probs.shape[0]))
     intensity = float(rng.uniform(0.3, 1.0))
     u = rng.uniform(size=(2, len(aus)))
     active = u[0] < probs[k]
-    related = _relatedness(compound, aus)[k] > 0
+    related = relatedness_table(compound, aus, au_table)[k] > 0
     # Related AUs follow the face's intensity; unrelated ones (stray movements) do not.
     strength = np.where(related, intensity * (0.6 + 0.4 * u[1]), u[1])
     au_intensity = np.where(active, MIN_INTENSITY + (1 - MIN_INTENSITY) * strength, 0.0)
@@ -266,7 +292,8 @@ class SyntheticFaces(grain.sources.RandomAccessDataSource):
         if self.spec.video_frames:
             return self._frame(index)
         rng = np.random.default_rng((*self._stream, 0, index))
-        labels = draw_labels(rng, compound=self.spec.compound, aus=self.aus)
+        labels = draw_labels(rng, compound=self.spec.compound, aus=self.aus,
+                             au_table=self.spec.au_table)
         return labels, draw_look(rng, self.spec.style, self.spec.image_size)
 
     def _frame(self, index: int) -> tuple[FaceLabels, Look]:
@@ -275,7 +302,8 @@ class SyntheticFaces(grain.sources.RandomAccessDataSource):
         frames, style = self.spec.video_frames, self.spec.style
         clip, t = divmod(index, frames)
         rng = np.random.default_rng((*self._stream, 1, clip))
-        labels = draw_labels(rng, compound=self.spec.compound, aus=self.aus)
+        labels = draw_labels(rng, compound=self.spec.compound, aus=self.aus,
+                             au_table=self.spec.au_table)
         look = draw_look(rng, style, self.spec.image_size)
         period, phase, other_phase = rng.uniform(size=3) * (2 * frames, 2 * math.pi, 2 * math.pi)
         angle = 2 * math.pi * t / (frames + period)          # slower than one cycle per clip

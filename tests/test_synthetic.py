@@ -304,3 +304,29 @@ def test_contact_sheet_command_rejects_bad_numbers(tmp_path, args, message):
     assert result.stderr.strip().splitlines()[-1] == (
         f"python -m data_pipelines.synthetic: error: {message}")
     assert not path.exists()
+
+
+def test_the_swapped_table_exchanges_the_documented_au_columns():
+    du = synthetic.au_probabilities(False, taxonomy.AUS)
+    swapped = synthetic.au_probabilities(False, taxonomy.AUS, "swapped")
+    column = {au: i for i, au in enumerate(taxonomy.AUS)}
+    expected = du.copy()
+    for a, b in synthetic.SWAPPED_AU_PAIRS:
+        expected[:, [column[a], column[b]]] = du[:, [column[b], column[a]]]
+    np.testing.assert_array_equal(swapped, expected)
+    happiness = taxonomy.EXPRESSIONS.index("Happiness")
+    assert swapped[happiness, column[14]] == synthetic.PROTOTYPICAL_RATE
+    # AU12 is now moved by no expression (AU14 was not), so every class shows it at the free rate.
+    assert (swapped[:, column[12]] == synthetic.FREE_AU_RATE).all()
+    # Faces of a swapped source follow it: Happiness moves AU14, not AU12.
+    spec = synthetic.SyntheticSpec(num_records=600, seed=3, image_size=16, au_table="swapped")
+    faces = synthetic.SyntheticFaces(spec, split="train", aus=taxonomy.AUS)
+    rows = [faces[i] for i in range(600)]
+    happy = np.array([r["au"] for r in rows if r["expression"] == happiness])
+    assert len(happy) > 50
+    assert happy[:, column[14]].mean() > 0.8 and happy[:, column[12]].mean() < 0.35
+
+
+def test_an_unknown_au_table_is_refused():
+    with pytest.raises(ValueError, match="invalid SyntheticSpec"):
+        synthetic.SyntheticSpec(num_records=1, au_table="nope")
