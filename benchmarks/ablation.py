@@ -48,13 +48,13 @@ ROWS = {
     "multi-task": (("expression", "au", "va"), []),
     "+ co-annotation": (("expression", "au", "va"), _weights(co_annotation=1.0)),
     "+ distribution matching": (("expression", "au", "va"), _weights(distribution_matching=1.0)),
-    "+ distribution matching, stop-gradient": (
+    "+ distribution matching (stop-gradient)": (
         ("expression", "au", "va"),
         _weights(distribution_matching=1.0)
         + ["--config.loss.distribution_matching.stop_gradient=True"]),
     "+ both": (("expression", "au", "va"),
                _weights(co_annotation=1.0, distribution_matching=1.0)),
-    "+ both, stop-gradient": (("expression", "au", "va"),
+    "+ both (stop-gradient)": (("expression", "au", "va"),
                               _weights(co_annotation=1.0, distribution_matching=1.0)
                               + ["--config.loss.distribution_matching.stop_gradient=True"]),
 }
@@ -89,7 +89,7 @@ def run(regime: str, seeds: int, out: Path, rows: list[str]) -> dict:
         if not table.exists():
             _fbnet("relatedness", "--config", config, "--out", str(table),
                    log=base / "relatedness.log")
-        plan += [(f"{name}, estimated table", *ROWS[name],
+        plan += [(f"{name} (estimated table)", *ROWS[name],
                   [f"--config.loss.relatedness={table}"])
                  for name in ESTIMATED_ROWS if name in rows]
     results = {}
