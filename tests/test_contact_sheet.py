@@ -41,7 +41,8 @@ def test_command_writes_a_grid(tmp_path):
 
 @pytest.mark.parametrize("config, message", [
     ("configs/missing.py", "--config configs/missing.py: no such file, and not a config "
-                           "shipped with fbnet_jax (those are: paper_vgg.py, synthetic.py)"),
+                           "shipped with fbnet_jax (those are: ablation.py, paper_vgg.py, "
+                           "synthetic.py)"),
     ("configs/synthetic.py:huge", "--config configs/synthetic.py:huge: ValueError: unknown "
                                   "variant 'huge' of configs/synthetic.py; use '' or 'tiny'"),
 ])

@@ -119,7 +119,7 @@ USER_ERRORS = [
      "train.num_steps?"),
     (["train", "--config", "nothere.py"],
      "--config nothere.py: no such file, and not a config shipped with fbnet_jax (those are: "
-     "paper_vgg.py, synthetic.py)"),
+     "ablation.py, paper_vgg.py, synthetic.py)"),
     (["train", "--config", "synthetic:tiny", "--config.data.sources.affwild2_like.synthetic."
       "label_aus=(1,)"],
      "Type <class 'NoneType'> of field config.data.sources.affwild2_like.synthetic.label_aus is "
