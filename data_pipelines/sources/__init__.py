@@ -1,0 +1,109 @@
+"""Dataset sources: one module per published format, one entry point.
+
+  source = get_source("rafdb", "/data/RAF-DB", "train")
+  source[0]  # {"image": uint8 [H, W, 3], "expression": ..., "au": ..., "va": ..., "key": ...}
+
+`get_source(name, root, split, **options)` reads the dataset's label files under `root` (the
+folder its publisher ships, unpacked) and returns a grain random-access source of records
+(docs/design.md#records). `split` is "train", "validation", "test" or "all", following each
+dataset's own convention (see its module). Options common to every dataset:
+
+  aus           the AU list records follow (default: the 17 of fbnet_jax.taxonomy.AUS)
+  source_index  the `source` field of every record (the pipeline sets it)
+  strict        stop at the first bad record instead of skipping and counting it
+  margin        face crops are widened by this fraction of the face box on every side (0.2)
+  unreadable    what an image that cannot be decoded becomes: "next", "mask" or "raise"
+                (see base.FileSource)
+
+and each dataset has options of its own (the keyword arguments of its module's `read`).
+
+`get_source("prepared", DATA_DIR, split, dataset=NAME, **options)` reads the copy that
+`fbnet prepare --dataset NAME --data_dir DATA_DIR` wrote (data_pipelines/tfds_builders/): the
+same records, faces already cropped, from array_record files.
+The records skipped while reading the labels, and why, are in `source.skips`
+(`source.info().line()` is a one-line summary).
+
+Adding a format: write `data_pipelines/sources/<name>.py` with
+`read(root: Path, split: str, table: base.Table, **options) -> None` that appends one row per
+face to `table` (skipping, with `table.skips.skip(reason, "file:line")`, every row it cannot label
+exactly), and add the name to `DATASETS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from data_pipelines.sources import base
+from data_pipelines.sources.base import BadRecordError, DatasetError, FileSource
+from fbnet_jax import taxonomy
+
+# name -> "module:function" (modules are imported when first used).
+DATASETS = {
+    "affectnet": "affectnet:read",
+    "affwild2": "affwild2:read",
+    "bp4d": "bp4d:read_bp4d",
+    "bp4d_plus": "bp4d:read_bp4d_plus",
+    "ckplus": "ckplus:read",
+    "disfa": "disfa:read",
+    "emotionet": "emotionet:read",
+    "expw": "expw:read",
+    "fer2013": "fer2013:read_fer2013",
+    "ferplus": "fer2013:read_ferplus",
+    "manifest": "manifest:read",
+    "rafdb": "rafdb:read_basic",
+    "rafdb_compound": "rafdb:read_compound",
+}
+
+__all__ = ["BadRecordError", "DATASETS", "DatasetError", "FileSource", "get_source",
+           "reader", "reader_options"]
+
+
+def reader(name: str):
+    """The `read` function of dataset `name`."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    module, function = DATASETS[name].split(":")
+    return getattr(importlib.import_module(f"data_pipelines.sources.{module}"), function)
+
+
+def reader_options(name: str) -> dict[str, Any]:
+    """Dataset `name`'s own options and their defaults."""
+    parameters = list(inspect.signature(reader(name)).parameters.values())[3:]
+    return {p.name: p.default for p in parameters}
+
+
+def get_source(name: str, root: str | os.PathLike, split: str, *,
+               aus=taxonomy.AUS, source_index: int = 0, strict: bool = False,
+               margin: float = 0.2, unreadable: str = "next", **options) -> FileSource:
+    """A random-access source of dataset `name`'s `split` read from `root`.
+
+    Raises:
+      DatasetError: an unknown dataset, split or option, or label files that cannot be read
+        (the message names the file and what was expected).
+      BadRecordError: with `strict`, the first record that cannot be read correctly.
+    """
+    if name == "prepared":
+        # Imported here: `prepared` imports this package.
+        from data_pipelines.sources import prepared  # pylint: disable=g-import-not-at-top
+        return prepared.open_prepared(root, split, aus=aus, source_index=source_index,
+                                      margin=margin, **options)
+    read = reader(name)
+    known = reader_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
+        raise DatasetError(f"{name}: unknown option(s) {', '.join(unknown)}; its options: "
+                           f"{listed}")
+    base.check_split(split, base.SPLITS, name)
+    skips = base.Skips(f"{name}[{split}]", strict=strict)
+    table = base.Table(skips)
+    read(Path(root), split, table, **options)
+    if not len(table):
+        raise DatasetError(f"{name}: no usable record for split {split!r} under {root} "
+                           f"({skips.summary()})")
+    return FileSource(name, root, split, table, aus=aus, source_index=source_index,
+                      margin=margin, unreadable=unreadable)

@@ -1,0 +1,202 @@
+"""`fer2013` and `ferplus`: FER2013 (Kaggle ICML 2013 challenge) and its FER+ relabelling.
+
+Both read the 48x48 greyscale faces from the FER2013 CSV, where they are held as text, and keep
+them in memory as uint8 [48, 48] arrays (about 80 MB for the 35,887 images). `root` is a folder
+holding the files (searched one and two folders down too):
+
+  fer2013.csv          header `emotion,pixels,Usage`; or icml_face_data.csv, the same data with
+                       the header `emotion, Usage, pixels` (other order, leading spaces)
+  fer2013new.csv       FER+ only (microsoft/FERPlus): `Usage,Image name,neutral,happiness,
+                       surprise,sadness,anger,disgust,fear,contempt,unknown,NF`
+
+Kaggle's train.csv / test.csv split of FER2013 is not read (its test part has no labels).
+
+`pixels` is 2304 integers 0..255 separated by spaces, row-major. `emotion` 0..6 is 0 Angry,
+1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral, mapped onto the project's order.
+
+FER+ has the same rows as fer2013.csv in the same order: row i of fer2013new.csv labels the image
+of row i of fer2013.csv (FERPlus's generate_training_data.py pairs them so). Its columns are the
+votes of 10 taggers; the label is the class with strictly the most votes. A row is skipped (and
+counted) when that is contempt (there is no 8th class), unknown or NF (not a face), when the
+most votes are tied, and when the image name is empty (FER+ leaves it empty for non-faces).
+The files must have the same number of rows and the same Usage on each row, else they are not
+the pair FER+ was made from and `DatasetError` is raised.
+
+Splits: the dataset's own, from the Usage column: Training -> "train", PublicTest ->
+"validation", PrivateTest -> "test" ("all": every row). Keys: `fer2013` rows are
+`<csv file>/<row>` (row = 0-based data row), `ferplus` rows are the FER+ image name
+(`fer0000000.png`). Neither has options.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.sources import base
+
+_FER_FILES = ("fer2013.csv", "icml_face_data.csv")
+_FER_COLUMNS = ("emotion", "pixels", "Usage")
+_USAGE = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
+# FER2013 emotion 0..6 -> index into taxonomy.EXPRESSIONS
+# (docs/datasets.md#mapping-to-the-7-expressions).
+_FER_TO_C7 = (1, 2, 3, 4, 5, 6, 0)
+# FER+ vote columns -> index into taxonomy.EXPRESSIONS; None: the row is dropped when it wins.
+_VOTES = (("neutral", 0), ("happiness", 4), ("surprise", 6), ("sadness", 5), ("anger", 1),
+          ("disgust", 2), ("fear", 3), ("contempt", None), ("unknown", None), ("NF", None))
+_DROPPED_WINNER = {"contempt": "majority vote contempt", "unknown": "majority vote unknown",
+                   "NF": "majority vote not a face"}
+_SIDE = 48
+
+
+def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict | str]]:
+    """(line number, {column: stripped cell} or a reason) for each non-empty row of a CSV file.
+
+    Raises:
+      DatasetError: the file is empty or its header lacks one of `required`.
+    """
+    reader = csv.reader(base.read_lines(path))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise base.DatasetError(f"{path}: empty file (expected a header with "
+                                f"{', '.join(required)})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise base.DatasetError(f"{path}: the header lacks {', '.join(missing)} (got "
+                                f"{', '.join(header)}; expected {', '.join(required)})")
+    for number, cells in enumerate(reader, 2):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield number, f"{len(cells)} fields, expected {len(header)}"
+            continue
+        yield number, {h: c.strip() for h, c in zip(header, cells)}
+
+
+def _pixels(text: str) -> np.ndarray:
+    """uint8 [48, 48] from 2304 space-separated integers 0..255.
+
+    Raises:
+      ValueError: a value is not such an integer, or there are not 2304 of them.
+    """
+    values = text.split()
+    if len(values) != _SIDE * _SIDE:
+        raise ValueError(f"{len(values)} pixel values, expected {_SIDE * _SIDE}")
+    array = np.array(values, np.int64)
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"pixel values outside 0..255 ({array.min()}..{array.max()})")
+    return array.astype(np.uint8).reshape(_SIDE, _SIDE)
+
+
+def _fer_file(root: Path, dataset: str) -> Path:
+    return base.find_file(root, _FER_FILES, dataset, "FER2013 CSV file")
+
+
+def read_fer2013(root: Path, split: str, table: base.Table) -> None:
+    """Appends FER2013's images of `split` to `table` (see the module docstring)."""
+    root = Path(root)
+    path = _fer_file(root, "fer2013")
+    name = path.relative_to(root).as_posix()
+    for index, (number, row) in enumerate(_csv_rows(path, _FER_COLUMNS)):
+        where = f"{path}:{number}"
+        if isinstance(row, str):
+            table.skips.skip("wrong number of fields", where, row)
+            continue
+        row_split = _USAGE.get(row["Usage"])
+        if row_split is None:
+            table.skips.skip("unknown usage", where, row["Usage"])
+            continue
+        if split not in ("all", row_split):
+            continue
+        code = row["emotion"]
+        if not (code.isascii() and code.isdigit() and int(code) < len(_FER_TO_C7)):
+            table.skips.skip("unknown expression code", where, code)
+            continue
+        try:
+            pixels = _pixels(row["pixels"])
+        except ValueError as e:
+            table.skips.skip("unreadable pixels", where, str(e))
+            continue
+        table.add(f"{name}/{index:05d}", where=where, pixels=pixels,
+                  expression=_FER_TO_C7[int(code)])
+
+
+def _vote(row: dict) -> tuple[int | None, str, str]:
+    """(expression, "", "") for a clear majority, else (None, reason, detail) of the drop."""
+    votes = []
+    for column, _ in _VOTES:
+        text = row[column]
+        if not (text.isascii() and text.isdigit()):
+            return None, "unreadable votes", f"{column} = {text!r}"
+        votes.append(int(text))
+    top = max(votes)
+    if top == 0:
+        return None, "no votes", ""
+    winners = [column for (column, _), v in zip(_VOTES, votes) if v == top]
+    if len(winners) > 1:
+        return None, "tied votes", " = ".join(winners) + f" = {top}"
+    expression = dict(_VOTES)[winners[0]]
+    if expression is None:
+        return None, _DROPPED_WINNER[winners[0]], ""
+    return expression, "", ""
+
+
+def read_ferplus(root: Path, split: str, table: base.Table) -> None:
+    """Appends FER+'s images of `split` to `table` (see the module docstring).
+
+    Raises:
+      DatasetError: a file is missing or unreadable, or fer2013new.csv and the FER2013 CSV do
+        not have the same rows (count or Usage).
+    """
+    root = Path(root)
+    ferplus = base.find_file(root, ("fer2013new.csv",), "ferplus", "FER+ label file")
+    fer = _fer_file(root, "ferplus")
+    columns = ("Usage", "Image name") + tuple(c for c, _ in _VOTES)
+    fer_rows = _csv_rows(fer, _FER_COLUMNS)
+    for number, row in _csv_rows(ferplus, columns):
+        where = f"{ferplus}:{number}"
+        fer_number, fer_row = next(fer_rows, (None, None))
+        if fer_number is None:
+            raise base.DatasetError(f"ferplus: {ferplus} has more rows than {fer} (line "
+                                    f"{number} has no FER2013 row); they must be row-aligned")
+        if isinstance(row, str):
+            table.skips.skip("wrong number of fields", where, row)
+            continue
+        fer_where = f"{fer}:{fer_number}"
+        if isinstance(fer_row, str):
+            table.skips.skip("unreadable FER2013 row", fer_where, fer_row)
+            continue
+        if row["Usage"] != fer_row["Usage"]:
+            raise base.DatasetError(
+                f"ferplus: {where} says Usage {row['Usage']!r} but the FER2013 row it labels, "
+                f"{fer_where}, says {fer_row['Usage']!r}: the files are not row-aligned")
+        row_split = _USAGE.get(row["Usage"])
+        if row_split is None:
+            table.skips.skip("unknown usage", where, row["Usage"])
+            continue
+        if split not in ("all", row_split):
+            continue
+        name = row["Image name"]
+        if not name:  # FER+ gives no image name to its not-a-face rows
+            table.skips.drop("no image name", where)
+            continue
+        expression, reason, detail = _vote(row)
+        if expression is None:
+            # Unreadable vote counts are bad data; ties and the winners outside the 7
+            # expressions are FER+'s own labels that the project does not use.
+            report = table.skips.skip if reason == "unreadable votes" else table.skips.drop
+            report(reason, where, detail)
+            continue
+        try:
+            pixels = _pixels(fer_row["pixels"])
+        except ValueError as e:
+            table.skips.skip("unreadable pixels", fer_where, str(e))
+            continue
+        table.add(name, where=where, pixels=pixels, expression=expression)
+    if next(fer_rows, None) is not None:
+        raise base.DatasetError(f"ferplus: {fer} has more rows than {ferplus}; they must be "
+                                f"row-aligned")
