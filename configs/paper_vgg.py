@@ -9,35 +9,76 @@ paper does not publish its optimizer settings; the choice below (Adam, 1e-4, bat
 authors' earlier VGG-FACE work on Aff-Wild) is ours.
 
 Variants (`--config configs/paper_vgg.py:VARIANT`):
+  ""           the paper's datasets (DATASETS below), each read from the folder its publisher
+               ships; give every root on the command line:
+                 fbnet train --config paper_vgg \
+                   --config.data.sources.affectnet.root=/data/AffectNet \
+                   --config.data.sources.rafdb.root=/data/RAF-DB/basic ...
+  "a,b,..."    only the named sources of DATASETS (for the datasets you hold), e.g.
+                 fbnet train --config paper_vgg:affectnet,rafdb,disfa --config.data.sources...
   "synthetic"  the same recipe on the six synthetic sources of configs/synthetic.py (they label
                tasks and AUs as AffectNet, RAF-DB, EmotioNet, DISFA, BP4D and Aff-Wild2 do), so
                it can be tried without the datasets:
                  fbnet train --config paper_vgg:synthetic --workdir runs/paper_vgg_synthetic
                On 2 CPU cores try a few steps with a smaller batch, e.g.
                  --config.train.num_steps=20 --config.data.global_batch_size=16
-The real-dataset variant needs readers of the datasets' own formats, which fbnet_jax does not
-have yet; it joins this file when they exist.
+A source reads the copy that `fbnet prepare --dataset KIND --data_dir DATA_DIR` wrote instead of
+its raw files with `--config.data.sources.NAME.prepared=DATA_DIR` (faces decoded and cropped
+once; every unreadable image found up front).
 """
 
 from pathlib import Path
 
+from data_pipelines import pipeline
 from fbnet_jax import config_files
+
+# The paper's family of datasets (docs/paper.md#datasets-and-their-aus), as sources:
+# name -> (dataset kind, mixture weight, dataset options). The paper publishes no mixture
+# weights; ours give each task about a third of every batch (expressions: AffectNet, RAF-DB,
+# ExpW, Aff-Wild2 EXPR; AUs: EmotioNet, DISFA, BP4D, BP4D+, Aff-Wild2 AU; VA: Aff-Wild2 VA and
+# AffectNet, which labels both) and, within a task, follow the datasets' sizes only loosely so
+# that the small ones are not drowned.
+DATASETS = {
+    "affectnet": ("affectnet", 0.16, {}),
+    "rafdb": ("rafdb", 0.06, {}),
+    "expw": ("expw", 0.06, {}),
+    "affwild2_expr": ("affwild2", 0.06, {"task": "expr"}),
+    "affwild2_au": ("affwild2", 0.10, {"task": "au"}),
+    "emotionet": ("emotionet", 0.08, {}),
+    "disfa": ("disfa", 0.06, {}),
+    "bp4d": ("bp4d", 0.06, {}),
+    "bp4d_plus": ("bp4d_plus", 0.06, {}),
+    "affwild2_va": ("affwild2", 0.30, {"task": "va"}),
+}
 
 # The synthetic sources are defined once, in the sibling synthetic.py (by path: it is found the
 # same way in a source tree, an editable install and a wheel).
 SYNTHETIC = Path(__file__).with_name("synthetic.py")
 
 
-def get_config(arg: str = ""):
-    """Returns the config; `arg` picks the variant (only "synthetic" today)."""
-    if arg != "synthetic":
-        raise ValueError(f"unknown variant {arg!r} of configs/paper_vgg.py; use 'synthetic' "
-                         f"(the real-dataset variant needs dataset readers fbnet_jax does not "
-                         f"have yet)")
-    config = config_files.load(str(SYNTHETIC))  # the six synthetic sources; fields described there
-    config.name = "paper_vgg_synthetic"
+def _dataset_sources(arg: str):
+    names = list(DATASETS) if not arg else [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or not names:
+        raise ValueError(f"unknown variant {arg!r} of configs/paper_vgg.py: use '', 'synthetic' "
+                         f"or a comma-separated list of {', '.join(DATASETS)}")
+    sources = {}
+    for name in names:
+        kind, weight, options = DATASETS[name]
+        sources[name] = pipeline.dataset_source(kind, "", weight=weight, **options)
+    return sources
 
-    config.data.image_size = 112        # the paper's aligned face crops (every source renders it)
+
+def get_config(arg: str = ""):
+    """Returns the config; `arg` picks the variant ("", "synthetic" or a list of sources)."""
+    sources = None if arg == "synthetic" else _dataset_sources(arg)
+    config = config_files.load(str(SYNTHETIC))  # model, pipeline, fields described there
+    config.name = "paper_vgg_synthetic" if sources is None else "paper_vgg"
+    if sources is not None:
+        with config.unlocked():
+            config.data.sources = type(config.data.sources)(sources)
+
+    config.data.image_size = 112        # the paper's aligned face crops
     config.data.global_batch_size = 256
     config.data.eval_batch_size = 256
 

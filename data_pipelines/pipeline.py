@@ -17,7 +17,9 @@ or the generator is discarded.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import signal
 import zlib
 from collections.abc import Iterator, Sequence
@@ -29,11 +31,68 @@ import numpy as np
 from absl import flags
 
 from data_pipelines import schema
+from data_pipelines import sources as datasets
 from data_pipelines import transforms
 from fbnet_jax import taxonomy
 
-# The source kinds `build_source` knows; real dataset formats join this tuple as they arrive.
-SOURCE_KINDS = ("synthetic",)
+# The source kinds `build_source` knows: generated faces, every dataset format of
+# data_pipelines.sources (config entries made by `dataset_source`), and the copies that
+# `fbnet prepare` writes (entries made by `prepared_source`).
+SOURCE_KINDS = ("synthetic", "prepared", *sorted(datasets.DATASETS))
+# The splits every dataset source provides (data_pipelines.sources: each dataset's convention).
+DATASET_SPLITS = ("test", "train", "validation")
+
+
+def _is_dataset(kind: str) -> bool:
+    return kind == "prepared" or kind in datasets.DATASETS
+
+
+def prepared_source(dataset: str, data_dir: str = "", *, weight: float = 1.0,
+                    margin: float = 0.2, balance_expressions: bool = False,
+                    **options) -> ml_collections.ConfigDict:
+    """The config entry of a prepared dataset: `kind="prepared"`, `dataset`, `data_dir`.
+
+    It reads what `fbnet prepare --dataset DATASET --data_dir DATA_DIR` wrote with the same
+    options and margin (see `dataset_source` for the arguments). Equivalently, a
+    `dataset_source` entry with its `prepared` field set to DATA_DIR.
+    """
+    entry = dataset_source(dataset, "", weight=weight, margin=margin,
+                           balance_expressions=balance_expressions, **options)
+    del entry["root"], entry["prepared"], entry["strict"]
+    entry.kind, entry.dataset, entry.data_dir = "prepared", dataset, data_dir
+    return entry
+
+
+def dataset_source(kind: str, root: str = "", *, weight: float = 1.0, margin: float = 0.2,
+                   strict: bool = False, balance_expressions: bool = False, prepared: str = "",
+                   **options) -> ml_collections.ConfigDict:
+    """The config entry of a dataset source (`config.data.sources.NAME`).
+
+    Args:
+      kind: a dataset name of `data_pipelines.sources.DATASETS` ("rafdb", "affwild2", ...).
+      root: the dataset's folder as its publisher ships it (or the manifest file); usually
+        given on the command line: `--config.data.sources.NAME.root=/path`.
+      weight: the source's share of the training mixture (normalised over the sources).
+      margin: face crops are widened by this fraction of the face box on every side.
+      strict: stop at the first record that cannot be read instead of skipping and counting.
+      prepared: the `--data_dir` of `fbnet prepare`: read the prepared copy of this dataset
+        (with these options and margin) instead of the files under `root`.
+      balance_expressions: sample the source's training images so that every expression is
+        equally frequent among its expression-labelled ones (real expression data is skewed:
+        in AffectNet's training set Happiness outnumbers Disgust about 35 to 1).
+      **options: the dataset's own options (`data_pipelines.sources.reader_options(kind)`),
+        e.g. `task="va"` for affwild2.
+    """
+    known = datasets.reader_options(kind)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{kind}: unknown option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(known) or 'none'}")
+    # Every option is in the entry (with its default), so any can be set from the command line.
+    return ml_collections.ConfigDict({
+        "kind": kind, "root": root, "weight": weight, "margin": margin, "strict": strict,
+        "balance_expressions": balance_expressions, "prepared": prepared,
+        "options": ml_collections.ConfigDict({**known, **options})})
 
 
 def source_names(data_config: ml_collections.ConfigDict) -> list[str]:
@@ -66,6 +125,25 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
     if kind == "synthetic":
         return _synthetic_source(name, source_config, split=split, aus=aus,
                                  source_index=source_index)
+    if _is_dataset(kind):
+        if split not in DATASET_SPLITS:
+            raise ValueError(f"source {name!r} has no split {split!r}; dataset sources have "
+                             f"{', '.join(DATASET_SPLITS)}")
+        options = source_config.options.to_dict()
+        prepared = (source_config.data_dir if kind == "prepared"
+                    else source_config.get("prepared", ""))
+        if prepared:  # the copy `fbnet prepare` wrote
+            dataset = source_config.dataset if kind == "prepared" else kind
+            source = datasets.get_source(
+                "prepared", prepared, split, dataset=dataset, aus=aus,
+                source_index=source_index, margin=float(source_config.margin), **options)
+        else:
+            source = datasets.get_source(
+                kind, source_config.root, split, aus=aus, source_index=source_index,
+                strict=bool(source_config.strict), margin=float(source_config.margin),
+                unreadable="next" if split == "train" else "mask", **options)
+        logging.info("source %s: %s", name, source.info().line())
+        return source
     raise ValueError(f"source {name!r} has unknown kind {kind!r}; known kinds: {SOURCE_KINDS}")
 
 
@@ -77,6 +155,8 @@ def source_splits(source_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if source_config.kind == "synthetic":
         sizes = sorted(k[:-len("_size")] for k in source_config.keys() if k.endswith("_size"))
         return tuple(sorted(["train", *sizes]))
+    if _is_dataset(source_config.kind):
+        return DATASET_SPLITS
     raise ValueError(f"unknown source kind {source_config.kind!r}; known kinds: {SOURCE_KINDS}")
 
 
@@ -100,6 +180,8 @@ def config_problems(data_config: ml_collections.ConfigDict) -> list[str]:
         weight = float(source.weight)
         if not (math.isfinite(weight) and weight >= 0):
             problems.append(f"{path}.weight: must be finite and >= 0, got {source.weight}")
+        if _is_dataset(source.kind):
+            problems += _dataset_problems(path, source)
         if source.kind == "synthetic":
             if source.synthetic.num_records < 1:
                 problems.append(f"{path}.synthetic.num_records: must be >= 1, got "
@@ -111,6 +193,49 @@ def config_problems(data_config: ml_collections.ConfigDict) -> list[str]:
     if not problems and sum(float(data_config.sources[n].weight) for n in names) <= 0:
         problems.append(f"data.sources.*.weight: all weights are 0 ({', '.join(names)}); "
                         f"at least one source must be trained on")
+    return problems
+
+
+def _dataset_problems(path: str, source: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with a dataset source's entry, checked without reading its labels."""
+    problems = []
+    prepared_kind = source.kind == "prepared"
+    fields = (("dataset", "data_dir") if prepared_kind else ("root", "strict")) + (
+        "options", "margin", "balance_expressions")
+    missing = [f for f in fields if f not in source]
+    if missing:
+        maker = "prepared_source" if prepared_kind else "dataset_source"
+        return [f"{path}: a {source.kind} source needs the fields {', '.join(missing)} "
+                f"(build its entry with data_pipelines.pipeline.{maker})"]
+    dataset = source.dataset if prepared_kind else source.kind
+    if dataset not in datasets.DATASETS:
+        return [f"{path}.dataset: unknown dataset {dataset!r}; known: "
+                f"{', '.join(sorted(datasets.DATASETS))}"]
+    root = "" if prepared_kind else str(source.root or "")
+    prepared = str((source.data_dir if prepared_kind else source.get("prepared", "")) or "")
+    field = "data_dir" if prepared_kind else "prepared"
+    if prepared_kind and not prepared:
+        problems.append(f"{path}.data_dir: empty; give the --data_dir of fbnet prepare with "
+                        f"--config.{path}.data_dir=/path/to/it")
+    elif prepared:
+        if not os.path.isdir(prepared):
+            problems.append(f"{path}.{field}: {prepared} is not a folder (the --data_dir of "
+                            f"fbnet prepare)")
+    elif not root:
+        problems.append(f"{path}.root: empty; give the {source.kind} dataset's folder with "
+                        f"--config.{path}.root=/path/to/it (or a prepared copy's folder with "
+                        f"--config.{path}.prepared=DATA_DIR)")
+    elif not os.path.exists(root):
+        problems.append(f"{path}.root: {root} does not exist")
+    if not isinstance(source.get("balance_expressions", False), bool):
+        problems.append(f"{path}.balance_expressions: must be True or False")
+    known = datasets.reader_options(dataset)
+    unknown = sorted(set(source.options.keys()) - set(known))
+    if unknown:
+        problems.append(f"{path}.options: {dataset} has no option(s) {', '.join(unknown)}; "
+                        f"its options: {', '.join(known) or 'none'}")
+    if not float(source.margin) >= 0:
+        problems.append(f"{path}.margin: must be >= 0, got {source.margin}")
     return problems
 
 
@@ -258,7 +383,16 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
         if len(shard) == 0:
             raise ValueError(f"source {name!r} has {len(source)} training examples, too few to "
                              f"give each of {process_count} processes one")
-        datasets.append(shard.seed(shuffle_seed(config.seed, name)).shuffle().repeat())
+        labels = getattr(source, "expression_labels", None)
+        if labels is not None:
+            logging.info("source %s: training images per expression: %s", name,
+                         class_counts_line(labels))
+        seed = shuffle_seed(config.seed, name)
+        if data.sources[name].get("balance_expressions", False):
+            datasets.append(_class_balanced(source, labels[process_index::process_count],
+                                            process_index, process_count, seed))
+        else:
+            datasets.append(shard.seed(seed).shuffle().repeat())
         mix_weights.append(float(weights[k]))
     ds = grain.MapDataset.mix(datasets, weights=mix_weights)
     ds = _prepare(ds, data, aus)
@@ -274,6 +408,48 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size),
             worker_init_fn=_leave_interrupts_to_the_main_process)
     return iter(iter_ds)
+
+
+def class_counts_line(labels: np.ndarray) -> str:
+    """"Neutral 120, Anger 31, ..., no expression 12": a source's images per expression."""
+    counts = np.bincount(labels[labels >= 0], minlength=schema.NUM_EXPRESSIONS)
+    parts = [f"{name} {int(n)}" for name, n in zip(taxonomy.EXPRESSIONS, counts)]
+    return ", ".join(parts + [f"no expression {int((labels < 0).sum())}"])
+
+
+class _Rows(grain.sources.RandomAccessDataSource):
+    """Rows `indices` of a source, as a source of their own (picklable for grain workers)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[int(self._indices[index])]
+
+
+def _class_balanced(source, shard_labels: np.ndarray, process_index: int, process_count: int,
+                    seed: int) -> grain.MapDataset:
+    """This process's shard of `source`, sampled so that every expression present is equally
+    frequent among its expression-labelled images; images without an expression keep their
+    share of the source. Each class is a shuffled, repeated stream of its own (so a rare class
+    repeats more often within an epoch of the others), mixed with fixed weights: deterministic
+    and checkpointable like the rest of the mixture.
+    """
+    shard_rows = np.arange(process_index, len(source), process_count)
+    groups = [shard_rows[shard_labels == c] for c in range(schema.NUM_EXPRESSIONS)]
+    groups = [g for g in groups if len(g)]
+    unlabelled = shard_rows[shard_labels < 0]
+    labelled_share = 1.0 - len(unlabelled) / len(shard_rows)
+    streams, weights = [], []
+    for k, rows in enumerate(groups + ([unlabelled] if len(unlabelled) else [])):
+        stream_seed = int(np.random.SeedSequence([seed, k, 0xBA1]).generate_state(1)[0])
+        streams.append(grain.MapDataset.source(_Rows(source, rows)).seed(stream_seed)
+                       .shuffle().repeat())
+        weights.append(labelled_share / len(groups) if k < len(groups) else 1 - labelled_share)
+    return grain.MapDataset.mix(streams, weights=weights)
 
 
 def _leave_interrupts_to_the_main_process(worker_index: int, worker_count: int) -> None:
@@ -309,7 +485,8 @@ class EvalBatches:
 
     `len()` is the number of batches, the same on every process (the largest shard decides), so
     a multi-host jit evaluation never waits on a process that has run out. Batches hold the
-    train batch fields plus `valid` (float32 [b], 0 on padding rows). A padding row is all
+    train batch fields plus `valid` (float32 [b], 0 on padding rows and on dataset images that
+    could not be decoded, which come as rows with key ""). A padding row is all
     zeros (image, labels, masks, and `source` 0) with key "", so per-source sums must be
     weighted by `valid`. Iterating again restarts from the first batch.
 
@@ -383,7 +560,12 @@ def _pad(batch: dict[str, Any] | None, padding_row: dict[str, Any],
         for field, value in padding_row.items():
             pad = np.repeat(np.asarray(value)[None], missing, axis=0)
             out[field] = pad if batch is None else np.concatenate([batch[field], pad])
-    out[schema.VALID] = (np.arange(batch_size) < real).astype(np.float32)
+    valid = np.arange(batch_size) < real
+    if batch is not None:
+        # A dataset image that could not be decoded comes as a row with key "" (sources'
+        # unreadable="mask"): like padding, it is not scored.
+        valid &= np.asarray(out[schema.KEY]) != ""
+    out[schema.VALID] = valid.astype(np.float32)
     return out
 
 

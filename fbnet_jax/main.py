@@ -14,11 +14,18 @@
       both, prints it beside Du et al.'s table and writes it as a JSON table for
       --config.loss.relatedness=FILE. Entries with fewer than --min_count (20) labelled examples
       stay unestimated; --max_examples N reads at most N examples per source (a quick look).
+  fbnet prepare --dataset NAME --manual_dir DIR --data_dir DIR [--option KEY=VALUE ...]
+                [--strict]
+      Decodes every face of dataset NAME (read from DIR as its publisher ships it) once and
+      writes them with their labels as TFDS array_record under --data_dir; a config reads the
+      copy with --config.data.sources.SOURCE.prepared=DATA_DIR. A second run writes nothing.
+      Ends with the records written per split and those skipped per reason.
 
 FILE is a path or the name of a shipped config (`synthetic`). Add --debug (or set FBNET_DEBUG=1)
 to see the traceback of an error. Exit status: 0 done; 1 failed (e.g. the training diverged);
-2 a mistake in the command or config, or a damaged checkpoint (nothing was changed); 75 stopped before the end with a
-checkpoint saved (run the same command again to continue); 130 interrupted at once.
+2 a mistake in the command or config, a dataset that cannot be read, or a damaged checkpoint
+(nothing was changed); 75 stopped before the end with a checkpoint saved (run the same command
+again to continue); 130 interrupted at once.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines.sources.base import DatasetError
 from fbnet_jax import config_files, logs
 from fbnet_jax.errors import UserError
 
-COMMANDS = ("train", "eval", "relatedness")
+COMMANDS = ("train", "eval", "relatedness", "prepare")
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
@@ -55,6 +63,16 @@ _MIN_COUNT = flags.DEFINE_integer(
 _MAX_EXAMPLES = flags.DEFINE_integer(
     "max_examples", None, "relatedness: read at most this many examples per source (default: "
     "all).", lower_bound=1)
+_DATASET = flags.DEFINE_string("dataset", None, "prepare: the dataset (affectnet, rafdb, "
+                               "affwild2, ..., manifest).")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "prepare: the dataset's folder as its "
+                                  "publisher ships it.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where the prepared copy is written "
+                                "(a config reads it with data.sources.NAME.prepared=DATA_DIR).")
+_OPTION = flags.DEFINE_multi_string("option", [], "prepare: a dataset option KEY=VALUE "
+                                    "(repeat the flag for several).")
+_STRICT = flags.DEFINE_bool("strict", False, "prepare: stop at the first record that cannot "
+                            "be read, instead of skipping and counting it.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
 
 log = logging.getLogger("fbnet_jax.main")
@@ -144,6 +162,8 @@ def _parse(argv: list[str]) -> tuple[str, object]:
     """
     spec, argv = _option_value(argv, "config")
     command = _command(argv)
+    if command == "prepare":
+        return command, _parse_prepare(spec, argv)
     if command in ("train", "relatedness"):
         config = config_files.load(spec or config_files.DEFAULT)
     else:
@@ -167,10 +187,35 @@ def _parse(argv: list[str]) -> tuple[str, object]:
     misplaced = {"train": ("split", "step", *relatedness_flags),
                  "eval": ("allow_config_change", *relatedness_flags),
                  "relatedness": ("workdir", "split", "step", "allow_config_change")}[command]
-    given = [f"--{name}" for name in misplaced if flags.FLAGS[name].present]
+    _refuse(command, misplaced + PREPARE_FLAGS)
+    return command, holder.value
+
+
+PREPARE_FLAGS = ("dataset", "manual_dir", "data_dir", "option", "strict")
+
+
+def _refuse(command: str, names) -> None:
+    given = [f"--{name}" for name in names if flags.FLAGS[name].present]
     if given:
         raise UserError(f"{' and '.join(given)}: not a flag of fbnet {command}")
-    return command, holder.value
+
+
+def _parse_prepare(spec: str | None, argv: list[str]) -> None:
+    """`fbnet prepare` takes no config: its flags say what to prepare."""
+    if spec is not None or any(a.startswith(("--config.", "-config.")) for a in argv):
+        raise UserError("fbnet prepare takes no --config; it is given --dataset, --manual_dir, "
+                        "--data_dir and --option KEY=VALUE")
+    # `_command` parsed the known flags already; a multi flag would collect its values twice.
+    flags.FLAGS["option"].unparse()
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from e
+    missing = [f"--{n}" for n in ("dataset", "manual_dir", "data_dir") if not flags.FLAGS[n].value]
+    if missing:
+        raise UserError(f"fbnet prepare needs {', '.join(missing)}")
+    _refuse("prepare", ("workdir", "split", "step", "allow_config_change", "out", "min_count",
+                        "max_examples"))
 
 
 def _setup_logging() -> None:
@@ -191,6 +236,10 @@ def _default_workdir(name: str) -> Path:
 def main(command: str, config) -> int:
     """Runs a parsed command with its config; returns the exit status."""
     # Imported after flag parsing so that `fbnet --help` stays fast.
+    if command == "prepare":
+        from data_pipelines.tfds_builders import prepare  # pylint: disable=g-import-not-at-top
+        return prepare.run_command(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
+                                   list(_OPTION.value), _STRICT.value)
     if command == "relatedness":
         from fbnet_jax import relatedness  # pylint: disable=g-import-not-at-top
         relatedness.run_command(config, _OUT.value, min_count=_MIN_COUNT.value,
@@ -223,12 +272,12 @@ def run(argv: list[str] | None = None) -> None:
     try:
         command, config = _parse(argv)
         status = main(command, config)
-    except (UserError, FloatingPointError, KeyboardInterrupt) as e:
+    except (UserError, DatasetError, FloatingPointError, KeyboardInterrupt) as e:
         if debug:
             raise
         if isinstance(e, KeyboardInterrupt):
             _fail("interrupted", EXIT_INTERRUPTED)
-        _fail(str(e), EXIT_USAGE if isinstance(e, UserError) else EXIT_FAILED)
+        _fail(str(e), EXIT_USAGE if isinstance(e, (UserError, DatasetError)) else EXIT_FAILED)
     sys.exit(status)
 
 

@@ -344,10 +344,12 @@ def estimate(config: ml_collections.ConfigDict, *, min_count: int = DEFAULT_MIN_
         source = pipeline.build_source(name, source_config, split="train", aus=aus,
                                        source_index=k)
         indices = read_indices(len(source), max_examples)
+        # Dataset sources can give a record's labels without reading its image.
+        read = getattr(source, "labels", None) or source.__getitem__
         with_expression = with_au = both = 0
         for index in tqdm.tqdm(indices, desc=f"reading {name}", unit="ex", leave=False,
                                disable=None):
-            record = source[int(index)]
+            record = read(int(index))
             expression = int(record[schema.EXPRESSION])
             au = np.asarray(record[schema.AU])
             if au.shape != (len(aus),):

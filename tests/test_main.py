@@ -131,10 +131,25 @@ USER_ERRORS = [
     (["train", "--config.train.num_steps=abc"],
      "flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["train", "--config", "synthetic:tiny", "--step", "3"], "--step: not a flag of fbnet train"),
-    (["fit"], "usage: fbnet {train|eval|relatedness} [flags] (got 'fit'); see fbnet --help"),
-    ([], "usage: fbnet {train|eval|relatedness} [flags]; see fbnet --help"),
+    (["fit"], "usage: fbnet {train|eval|relatedness|prepare} [flags] (got 'fit'); see fbnet "
+              "--help"),
+    ([], "usage: fbnet {train|eval|relatedness|prepare} [flags]; see fbnet --help"),
     (["eval"], "fbnet eval needs --workdir (the folder of a training run)"),
     (["eval", "--workdir", "/nonexistent/run"], "--workdir /nonexistent/run: no such directory"),
+    (["prepare", "--dataset", "rafdb", "--data_dir", "WORKDIR"],
+     "fbnet prepare needs --manual_dir"),
+    (["prepare", "--dataset", "rafdb", "--manual_dir", "WORKDIR", "--data_dir", "WORKDIR",
+      "--option", "image=original"],
+     "rafdb: unknown option(s) image; its options: images (default 'aligned'), validation_fraction "
+     "(default 0.1), seed (default 0), margin (default 0.2)"),
+    (["prepare", "--dataset", "rafdb", "--manual_dir", "WORKDIR", "--data_dir", "WORKDIR/out"],
+     "rafdb: found no RAF-DB basic label file under WORKDIR; looked for "
+     "WORKDIR/basic/EmoLabel/list_patition_label.txt, "
+     "WORKDIR/basic/EmoLabel/list_partition_label.txt, "
+     "WORKDIR/EmoLabel/list_patition_label.txt, WORKDIR/EmoLabel/list_partition_label.txt "
+     "(also one and two folders down)"),
+    (["train", "--config", "paper_vgg:rafdb", "--config.data.sources.rafdb.root=/no/such"],
+     "invalid config: data.sources.rafdb.root: /no/such does not exist"),
     (["eval", "--workdir", "WORKDIR", "--config", "synthetic"],
      "fbnet eval evaluates with the config stored in the checkpoint; it takes no --config FILE "
      "(change a field with --config.FIELD=VALUE)"),
@@ -143,11 +158,12 @@ USER_ERRORS = [
 
 @pytest.mark.parametrize("args, message", USER_ERRORS, ids=[" ".join(a) for a, _ in USER_ERRORS])
 def test_user_mistakes_are_one_line(tmp_path, args, message):
-    args = [str(tmp_path) if a == "WORKDIR" else a for a in args]
+    args = [a.replace("WORKDIR", str(tmp_path)) for a in args]
+    (tmp_path / "a_file").write_text("")  # a manual_dir that is not empty
     process = _fbnet(*args)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 2, out
-    assert out.strip().splitlines() == [f"fbnet: error: {message}"]
+    assert out.strip().splitlines() == [f"fbnet: error: {message.replace('WORKDIR', str(tmp_path))}"]
 
 
 def test_a_config_mistake_fails_before_anything_is_written(tmp_path):

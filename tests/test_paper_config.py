@@ -27,9 +27,30 @@ def test_the_paper_recipe():
     assert len(sources) == 6 and all(sources[n].synthetic.image_size == 112 for n in sources)
 
 
-def test_the_real_data_variant_says_what_is_missing():
-    with pytest.raises(ValueError, match="use 'synthetic'"):
-        load_config("paper_vgg.py", "")
+def test_the_real_data_variant_has_the_papers_datasets_and_asks_for_their_roots():
+    config = load_config("paper_vgg.py", "")
+    sources = config.data.sources
+    assert {n: (sources[n].kind, sources[n].weight) for n in sources} == {
+        "affectnet": ("affectnet", 0.16), "rafdb": ("rafdb", 0.06), "expw": ("expw", 0.06),
+        "affwild2_expr": ("affwild2", 0.06), "affwild2_au": ("affwild2", 0.10),
+        "emotionet": ("emotionet", 0.08), "disfa": ("disfa", 0.06), "bp4d": ("bp4d", 0.06),
+        "bp4d_plus": ("bp4d_plus", 0.06), "affwild2_va": ("affwild2", 0.30)}
+    assert [sources[n].options.task for n in ("affwild2_expr", "affwild2_au", "affwild2_va")] == [
+        "expr", "au", "va"]
+    assert abs(sum(sources[n].weight for n in sources) - 1.0) < 1e-9
+    assert (config.model.backbone, config.data.image_size, config.name) == (
+        "vgg_face", 112, "paper_vgg")
+    with pytest.raises(config_checks.ConfigError) as error:
+        config_checks.validate(config, num_devices=1)
+    assert "data.sources.affectnet.root: empty; give the affectnet dataset's folder with " \
+           "--config.data.sources.affectnet.root=/path/to/it" in str(error.value)
+
+
+def test_the_real_data_variant_takes_the_datasets_you_hold(tmp_path):
+    config = load_config("paper_vgg.py", "rafdb, disfa")
+    assert list(config.data.sources) == ["disfa", "rafdb"]
+    with pytest.raises(ValueError, match="unknown variant 'rafdb,fer' of configs/paper_vgg.py"):
+        load_config("paper_vgg.py", "rafdb,fer")
 
 
 @pytest.mark.slow

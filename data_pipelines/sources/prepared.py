@@ -1,0 +1,147 @@
+"""`prepared`: a dataset's faces as `fbnet prepare` wrote them (TFDS array_record), no TensorFlow.
+
+  source = open_prepared("/data/prepared", "train", dataset="affwild2", task="va")
+  source[0]  # the same record as get_source("affwild2", root, "train", task="va")[0]
+
+`data_dir` is the folder `fbnet prepare --data_dir` wrote to; `dataset` and its options (the
+dataset's own options and `margin`, defaults where not given) pick the preparation, at
+`<data_dir>/<dataset>_faces/<config>/<version>` (see data_pipelines.tfds_builders.faces).
+Records follow docs/design.md#records and are the source's readable records in its order, with
+the same images: faces were cropped and aligned when prepared and stored losslessly. Images that
+could not be read were left out when preparing (`source.skips` holds the preparation's counts),
+so reading never meets one. Splits: train, validation and test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import schema
+from data_pipelines.sources import base
+from data_pipelines.tfds_builders import faces, prepare
+from fbnet_jax import taxonomy
+
+
+def open_prepared(data_dir: str | os.PathLike, split: str, *, dataset: str,
+                  aus: Sequence[int] = taxonomy.AUS, source_index: int = 0,
+                  **options: Any) -> PreparedSource:
+    """The prepared `split` of `dataset` with `options` under `data_dir`.
+
+    Raises:
+      DatasetError: an unknown dataset, option or split, or no such preparation (the message
+        names the folder looked in and the `fbnet prepare` command that would write it).
+    """
+    base.check_split(split, faces.SPLITS, f"prepared {dataset}")
+    directory = faces.prepared_dir(data_dir, dataset, options)
+    if not faces.is_prepared(directory):
+        raise base.DatasetError(_missing(data_dir, dataset, options, directory))
+    metadata = faces.read_metadata(directory)
+    return PreparedSource(directory, dataset, split, metadata, aus=aus,
+                          source_index=source_index)
+
+
+def _missing(data_dir: str | os.PathLike, dataset: str, options: dict[str, Any],
+             directory: Path) -> str:
+    builder_dir = directory.parent.parent
+    found = sorted(p.name for p in builder_dir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")) if builder_dir.is_dir() else []
+    there = f" (prepared there: {', '.join(found)})" if found else ""
+    resolved = json.dumps(faces.resolve_options(dataset, options), sort_keys=True)
+    return (f"{dataset}: not prepared with options {resolved}: no preparation in "
+            f"{directory}{there}; write it with: "
+            f"{prepare.prepare_command(data_dir, dataset, options)}")
+
+
+class PreparedSource:
+    """A grain random-access source over one split of a preparation.
+
+    Picklable (for grain's worker processes): the array_record files are opened again in the
+    process that reads them. `expression_labels` and `labels(index)` read the preparation's
+    label columns, not the images.
+    """
+
+    def __init__(self, directory: str | os.PathLike, dataset: str, split: str,
+                 metadata: dict[str, Any], *, aus: Sequence[int] = taxonomy.AUS,
+                 source_index: int = 0):
+        self.name, self.root, self.split = dataset, os.fspath(directory), split
+        self.options = dict(metadata["options"])
+        self.aus = tuple(int(a) for a in aus)
+        self.source_index = int(source_index)
+        self.skips = base.Skips(f"{dataset}[{split}]")
+        self.skips.counts.update(metadata["skipped"][split])
+        self.skips.first.update(metadata["first_skipped"][split])
+        self._length = int(metadata["records"][split])
+        if not self._length:
+            raise base.DatasetError(f"{dataset}: the preparation in {self.root} has no record in "
+                                    f"split {split!r} ({self.skips.summary()})")
+        self._examples = None
+        self._labels = None
+        self._data()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return (f"PreparedSource({self.name!r}, split={self.split!r}, root={self.root!r}, "
+                f"{len(self)} records)")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_examples"] = state["_labels"] = None
+        return state
+
+    def _data(self):
+        if self._examples is None:
+            examples = tfds.builder_from_directory(self.root).as_data_source(split=self.split)
+            if len(examples) != self._length:
+                raise base.DatasetError(f"{self.root}: split {self.split!r} holds "
+                                        f"{len(examples)} records, its metadata says "
+                                        f"{self._length}; prepare it again")
+            self._examples = examples
+        return self._examples
+
+    def _columns(self) -> dict[str, np.ndarray]:
+        if self._labels is None:
+            path = Path(self.root) / faces.labels_file(self.split)
+            with np.load(path, allow_pickle=False) as data:
+                columns = {name: data[name] for name in data.files}
+            columns["au"] = base.project_aus(columns["au"], self.aus)
+            self._labels = columns
+        return self._labels
+
+    @property
+    def expression_labels(self) -> np.ndarray:
+        """int32 [N]: every record's expression (-1 missing), for class counts and balancing."""
+        return self._columns()["expression"]
+
+    def labels(self, index: int) -> schema.Record:
+        """Record `index` without its image (no image is read): for label statistics."""
+        row = int(index) % len(self)
+        columns = self._columns()
+        return {schema.KEY: columns["key"][row].decode(),
+                schema.EXPRESSION: np.int32(columns["expression"][row]),
+                schema.AU: columns["au"][row], schema.VA: columns["va"][row],
+                schema.COMPOUND: np.int32(columns["compound"][row]),
+                schema.SOURCE: np.int32(self.source_index)}
+
+    def info(self) -> base.SourceInfo:
+        return base.SourceInfo(self.name, self.split, self.root, len(self), self.skips)
+
+    def __getitem__(self, index: int) -> schema.Record:
+        example = self._data()[int(index) % len(self)]
+        key = example["key"]
+        va = np.asarray(example["va"], np.float32)
+        return schema.make_record(
+            np.asarray(example["image"], np.uint8),
+            key=key.decode() if isinstance(key, bytes) else str(key), source=self.source_index,
+            expression=int(example["expression"]),
+            au=base.project_aus(np.asarray(example["au"], np.int8), self.aus),
+            va=None if np.isnan(va).any() else va, compound=int(example["compound"]),
+            num_aus=len(self.aus))

@@ -1,0 +1,300 @@
+"""A TFDS builder of any dataset source's faces, and the folder each preparation goes to.
+
+  builder = make_builder("affwild2", data_dir, {"task": "va"})
+  builder.download_and_prepare(file_format="array_record", download_config=(
+      tfds.download.DownloadConfig(manual_dir="/data/Aff-Wild2")))
+
+`builder_class(dataset)` is a `GeneratorBasedBuilder` named `<dataset>_faces` whose manual_dir is
+the dataset's folder as its publisher ships it. It reads that folder with
+`data_pipelines.sources.get_source` and writes the splits train, validation and test: one
+example per record, the face exactly as the source serves it (already cropped and aligned; PNG,
+so lossless) and its labels, AUs over the 17 of `taxonomy.AUS`. An image that cannot be decoded
+is skipped and counted ("unreadable image", with its file), or with `strict` stops the
+preparation.
+
+The options of a preparation (the dataset's own options, see `sources.reader_options`, and
+`margin`) are its builder config, so a preparation lies in
+
+  <data_dir>/<dataset>_faces/<config name>/<FORMAT_VERSION>/
+
+The config name is the options that differ from their defaults (`task-va`, or `default` when
+none does) and a hash of every option with its value, defaults included (`task-va-1f3e5a7c90`):
+other options go to another folder, the same options, given or left at their defaults, always to
+the same one.
+
+Besides the TFDS files, a preparation holds:
+
+  metadata.json       (`info.metadata`) the dataset, its options, the dataset folder read, and
+                      per split the records written, the records skipped per reason, and the
+                      first places skipped for each reason
+  labels-<split>.npz  every record's labels as columns (expression, au, va, compound, key), for
+                      label statistics and class balancing without decoding any image
+
+Examples are written in the source's order (TFDS shuffling is disabled): record i of a prepared
+split is the i-th readable record of the source's split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import re
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from PIL import Image
+
+from data_pipelines import sources
+from data_pipelines.sources import base
+
+FORMAT_VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+UNREADABLE_IMAGE = "unreadable image"
+# The files a complete preparation holds besides its record files.
+PREPARED_FILES = ("dataset_info.json", "features.json", "metadata.json")
+MARGIN_DEFAULT = inspect.signature(sources.get_source).parameters["margin"].default
+_LABEL_LENGTH = 60  # characters of the readable part of a config name
+_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]+")
+
+
+def builder_name(dataset: str) -> str:
+    """The TFDS name of `dataset`'s builder (the first folder level under data_dir)."""
+    return f"{dataset}_faces"
+
+
+def default_options(dataset: str) -> dict[str, Any]:
+    """The options of a preparation of `dataset` with their defaults: the dataset's own options
+    and `margin`.
+
+    Raises:
+      DatasetError: an unknown dataset.
+    """
+    return {**sources.reader_options(dataset), "margin": MARGIN_DEFAULT}
+
+
+def resolve_options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of a preparation of `dataset`, sorted by name: `options` over the defaults.
+
+    An int given for an option whose default is a float becomes a float, so that `margin=0` and
+    `margin=0.0` are the same preparation.
+
+    Raises:
+      DatasetError: an unknown dataset or option (the message lists the dataset's options), a
+        margin that is not a number >= 0, or a value that JSON cannot hold.
+    """
+    defaults = default_options(dataset)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        listed = ", ".join(f"{k} (default {v!r})" for k, v in defaults.items())
+        raise base.DatasetError(f"{dataset}: unknown option(s) {', '.join(unknown)}; its "
+                                f"options: {listed}")
+    resolved = {}
+    for key in sorted(defaults):
+        value = options.get(key, defaults[key])
+        if (isinstance(defaults[key], float) and isinstance(value, int)
+                and not isinstance(value, bool)):
+            value = float(value)
+        resolved[key] = value
+    margin = resolved["margin"]
+    if (isinstance(margin, bool) or not isinstance(margin, (int, float))
+            or not (math.isfinite(margin) and margin >= 0)):
+        raise base.DatasetError(f"{dataset}: option margin must be a number >= 0, got "
+                                f"{margin!r}")
+    try:
+        json.dumps(resolved, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise base.DatasetError(f"{dataset}: option values must be numbers, strings, booleans, "
+                                f"None or lists of them ({e})") from None
+    return resolved
+
+
+def config_name(dataset: str, options: dict[str, Any]) -> str:
+    """The builder config name of a preparation of `dataset` with `options` (see the module
+    docstring); made of the characters TFDS allows in config names."""
+    resolved = resolve_options(dataset, options)
+    defaults = resolve_options(dataset, {})
+    changed = "+".join(f"{key}-{_slug(value)}" for key, value in resolved.items()
+                       if value != defaults[key])
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{changed[:_LABEL_LENGTH] or 'default'}-{digest}"
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return _UNSAFE.sub("_", text) or "_"
+
+
+def prepared_dir(data_dir: str | os.PathLike, dataset: str, options: dict[str, Any]) -> Path:
+    """The folder of the preparation of `dataset` with `options` under `data_dir` (TFDS's
+    `<data_dir>/<name>/<config>/<version>`); it need not exist."""
+    return (Path(data_dir) / builder_name(dataset) / config_name(dataset, options)
+            / FORMAT_VERSION)
+
+
+def is_prepared(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a complete preparation (TFDS writes it whole or not at all)."""
+    return all((Path(directory) / name).is_file() for name in PREPARED_FILES)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata a preparation stored (see the module docstring)."""
+    return dict(tfds.builder_from_directory(os.fspath(directory)).info.metadata)
+
+
+def labels_file(split: str) -> str:
+    """The name of the file holding `split`'s label columns in a preparation."""
+    return f"labels-{split}.npz"
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The features of a prepared example."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "expression": tfds.features.Scalar(np.int32),
+        "au": tfds.features.Tensor(shape=(base.NUM_AUS,), dtype=np.int8),
+        "va": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        "compound": tfds.features.Scalar(np.int32),
+        "key": tfds.features.Text(),
+        "group": tfds.features.Text(),
+    })
+
+
+def _png(image: np.ndarray) -> bytes:
+    # Encoded here: tfds encodes numpy images with TensorFlow, which is not installed.
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass(eq=False)
+class FacesConfig(tfds.core.BuilderConfig):
+    """A preparation's builder config; `options` holds every option with its value."""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_config(dataset: str, options: dict[str, Any]) -> FacesConfig:
+    """The builder config of a preparation of `dataset` with `options`."""
+    resolved = resolve_options(dataset, options)
+    return FacesConfig(name=config_name(dataset, resolved), version=FORMAT_VERSION,
+                       description=f"{dataset} prepared with options "
+                                   f"{json.dumps(resolved, sort_keys=True)}",
+                       options=resolved)
+
+
+class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The faces of dataset `DATASET` as its source serves them; `builder_class` makes one
+    subclass per dataset. Not registered with TFDS: read a preparation with
+    `tfds.builder_from_directory` (or `data_pipelines.sources.prepared`)."""
+
+    VERSION = tfds.core.Version(FORMAT_VERSION)
+    RELEASE_NOTES = {FORMAT_VERSION: "Faces as data_pipelines.sources serves them (PNG), labels "
+                                     "over the 17 AUs of fbnet_jax.taxonomy.AUS."}
+    DATASET = ""
+    # Where TFDS looks for a checksums file (nothing is downloaded). TFDS's own lookup of a
+    # builder's module fails without the `importlib_resources` package.
+    code_path = None
+
+    def __init__(self, *, config: FacesConfig, strict: bool = False, **kwargs: Any):
+        """See `tfds.core.DatasetBuilder`; `strict` stops at the first record that cannot be
+        prepared instead of skipping and counting it."""
+        self._strict = strict
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        options = dict(self.builder_config.options)
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(f"The faces of {self.DATASET} as data_pipelines.sources.get_source "
+                         f"serves them (cropped and aligned, stored as PNG) with their labels."),
+            features=features(),
+            metadata=tfds.core.MetadataDict(dataset=self.DATASET, options=options),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager
+                          ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
+        root = Path(os.fspath(dl_manager.manual_dir))
+        self.info.metadata["manual_dir"] = os.path.abspath(root)
+        return {split: self._generate_examples(root, split) for split in SPLITS}
+
+    def _generate_examples(self, root: Path, split: str
+                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+        options = dict(self.builder_config.options)
+        margin = options.pop("margin")
+        source = sources.get_source(self.DATASET, root, split, unreadable="raise",
+                                    strict=self._strict, margin=margin, **options)
+        n = len(source)
+        expression = np.full(n, -1, np.int32)
+        au = np.full((n, base.NUM_AUS), -1, np.int8)
+        va = np.full((n, 2), np.nan, np.float32)
+        compound = np.full(n, -1, np.int32)
+        keys: list[bytes] = []
+        with tqdm.tqdm(total=n, desc=f"{self.DATASET} [{split}]", unit=" faces",
+                       mininterval=1.0) as bar:
+            for index in range(n):
+                try:
+                    record = source[index]
+                except base.DatasetError as e:
+                    where = source._where(index)  # pylint: disable=protected-access
+                    source.skips.skip(UNREADABLE_IMAGE, where,
+                                      str(e).removeprefix(f"{where}: "))
+                    continue
+                finally:
+                    bar.update()
+                row = len(keys)
+                expression[row], au[row] = record["expression"], record["au"]
+                va[row], compound[row] = record["va"], record["compound"]
+                keys.append(record["key"].encode())
+                yield record["key"], {
+                    "image": _png(record["image"]), "expression": record["expression"],
+                    "au": record["au"], "va": record["va"], "compound": record["compound"],
+                    "key": record["key"], "group": str(source.groups[index])}
+        written = len(keys)
+        metadata = self.info.metadata
+        metadata.setdefault("records", {})[split] = written
+        metadata.setdefault("skipped", {})[split] = dict(source.skips.counts)
+        metadata.setdefault("dropped", {})[split] = dict(source.skips.dropped)
+        metadata.setdefault("first_skipped", {})[split] = {
+            reason: list(places) for reason, places in source.skips.first.items()}
+        np.savez(os.fspath(self.data_path / labels_file(split)), expression=expression[:written],
+                 au=au[:written], va=va[:written], compound=compound[:written],
+                 key=np.array(keys, dtype=bytes))
+
+
+@functools.cache
+def builder_class(dataset: str) -> type[FacesBuilder]:
+    """The builder class of `dataset` (one per dataset, named `builder_name(dataset)`).
+
+    Raises:
+      DatasetError: an unknown dataset.
+    """
+    sources.reader(dataset)
+    module = sources.DATASETS[dataset].split(":")[0]
+    instructions = (
+        f"manual_dir is the {dataset} folder as its publisher ships it (unpacked), read by "
+        f"data_pipelines.sources.get_source({dataset!r}, manual_dir, split); the layout it "
+        f"expects is in the docstring of data_pipelines/sources/{module}.py.")
+    namespace = {"name": builder_name(dataset), "DATASET": dataset, "__module__": __name__,
+                 "__doc__": f"The faces of {dataset} (see FacesBuilder).",
+                 "MANUAL_DOWNLOAD_INSTRUCTIONS": instructions}
+    class_name = "".join(part.capitalize() for part in dataset.split("_")) + "Faces"
+    return types.new_class(class_name, (FacesBuilder,), {"skip_registration": True},
+                           lambda ns: ns.update(namespace))
+
+
+def make_builder(dataset: str, data_dir: str | os.PathLike, options: dict[str, Any], *,
+                 strict: bool = False) -> FacesBuilder:
+    """The builder of the preparation of `dataset` with `options` under `data_dir`."""
+    return builder_class(dataset)(data_dir=os.fspath(data_dir),
+                                  config=make_config(dataset, options), strict=strict)

@@ -1,0 +1,207 @@
+"""`fbnet prepare` (data_pipelines.tfds_builders) and the `prepared` source that reads it back."""
+
+import contextlib
+import io
+import pickle
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.sources import BadRecordError, DatasetError, get_source
+from data_pipelines.sources.prepared import open_prepared
+from data_pipelines.tfds_builders import faces, prepare
+
+HEADER = "path,expression,AU12,AU4,valence,arousal,subject,split,x0,y0,x1,y1"
+# name, shape (None: corrupt), expression, AU12, AU4, valence, arousal, split, box
+ROWS = [
+    ("a.png", (12, 16, 3), "4", "1", "0", "0.5", "0.25", "train", ""),
+    ("b.jpg", (16, 16, 3), "", "0", "", "", "", "train", ""),
+    ("c.png", None, "1", "", "", "", "", "train", ""),
+    ("d.png", (20, 24, 3), "6", "", "", "", "", "train", "4,3,14,13"),
+    ("e.jpg", (16, 8, 3), "", "", "", "-0.5", "0.75", "validation", ""),
+    ("f.png", (10, 10), "neutral", "", "", "", "", "validation", ""),
+    ("g.png", (9, 7, 3), "3", "", "1", "", "", "test", ""),
+    ("h.png", (9, 7, 3), "9", "", "", "", "", "test", ""),
+    ("i.jpg", (8, 8, 3), "2", "1", "", "", "", "test", ""),
+]
+COUNT_LINES = [
+    "  options: margin=0.2, seed=0, test_fraction=0.1, validation_fraction=0.1",
+    "  train: 3 record(s) written, 1 skipped (1 unreadable image)",
+    "  validation: 2 record(s) written, 0 skipped",
+    "  test: 2 record(s) written, 1 skipped (1 unreadable label)",
+]
+
+
+def _dataset(folder):
+    """A manifest dataset: PNG, JPEG and greyscale images, one corrupt image (c.png, train),
+    one face box (d.png) and one row with an unknown expression (h.png, test)."""
+    rng = np.random.default_rng(0)
+    lines = [HEADER]
+    for name, shape, *labels, box in ROWS:
+        path = folder / "img" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if shape is None:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        else:
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+        lines.append(",".join([f"img/{name}", *labels[:5], "", labels[5], box or ",,,"]))
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _run(*args, **kwargs):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = prepare.run_command(*args, **kwargs)
+    return status, out.getvalue().splitlines()
+
+
+def _files(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in folder.rglob("*")}
+
+
+def _expected(manual, split, **kwargs):
+    """The source's readable records of `split`, read directly."""
+    source = get_source("manifest", manual, split, unreadable="mask", **kwargs)
+    return [r for r in (source[i] for i in range(len(source))) if r["key"]]
+
+
+def _assert_same_records(actual, expected):
+    assert [r["key"] for r in actual] == [r["key"] for r in expected]
+    for got, want in zip(actual, expected):
+        assert got.keys() == want.keys()
+        for field, value in want.items():
+            if field == "key":
+                assert got[field] == value and isinstance(got[field], str)
+            else:
+                assert np.asarray(got[field]).dtype == np.asarray(value).dtype, field
+                np.testing.assert_array_equal(got[field], value, err_msg=f"{want['key']} {field}")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(dataset folder, data_dir, printed lines) of the default preparation of the fixture."""
+    manual = _dataset(tmp_path_factory.mktemp("manual"))
+    data_dir = tmp_path_factory.mktemp("prepared")
+    status, lines = _run("manifest", manual, data_dir, [], False)
+    assert status == 0
+    return manual, data_dir, lines
+
+
+def test_prepared_records_are_the_source_records(prepared):
+    manual, data_dir, _ = prepared
+    for split in faces.SPLITS:
+        source = open_prepared(data_dir, split, dataset="manifest")
+        expected = _expected(manual, split)
+        assert len(source) == len(expected) == {"train": 3, "validation": 2, "test": 2}[split]
+        _assert_same_records([source[i] for i in range(len(source))], expected)
+    aus = (4, 99, 12)
+    source = open_prepared(data_dir, "train", dataset="manifest", aus=aus, source_index=2)
+    expected = _expected(manual, "train", aus=aus, source_index=2)
+    _assert_same_records([source[i] for i in range(len(source))], expected)
+    _assert_same_records([pickle.loads(pickle.dumps(source))[i] for i in range(3)], expected)
+    for i, record in enumerate(expected):
+        labels = source.labels(i)
+        _assert_same_records([{**labels, "image": record["image"]}], [record])
+    np.testing.assert_array_equal(source.expression_labels, [4, -1, 6])
+    assert source.info().line().endswith("skipped 1 record(s): 1 unreadable image (first: "
+                                         f"{manual / 'img' / 'c.png'})")
+
+
+def test_prepare_prints_the_exact_counts(prepared):
+    manual, data_dir, lines = prepared
+    directory = faces.prepared_dir(data_dir, "manifest", {})
+    assert lines[-5:] == [f"manifest: prepared in {directory}", *COUNT_LINES]
+    metadata = faces.read_metadata(directory)
+    assert metadata["records"] == {"train": 3, "validation": 2, "test": 2}
+    assert metadata["skipped"] == {"train": {"unreadable image": 1}, "validation": {},
+                                   "test": {"unreadable label": 1}}
+    assert metadata["first_skipped"]["train"]["unreadable image"][0].startswith(
+        f"{manual / 'img' / 'c.png'}: unreadable image")
+    assert metadata["manual_dir"] == str(manual)
+
+
+def test_a_second_prepare_writes_nothing(prepared):
+    manual, data_dir, _ = prepared
+    directory = faces.prepared_dir(data_dir, "manifest", {})
+    before = _files(data_dir)
+    for options in ([], ["seed=0", "margin=0.2"]):  # the defaults, left out or given
+        status, lines = _run("manifest", manual, data_dir, options, False)
+        assert status == 0
+        assert lines == [f"manifest: already prepared in {directory}; nothing written",
+                         *COUNT_LINES]
+    assert _files(data_dir) == before
+
+
+def test_other_options_go_to_another_folder(prepared):
+    manual, data_dir, _ = prepared
+    status, lines = _run("manifest", manual, data_dir, ["margin=0.5"], False)
+    assert status == 0
+    default = faces.prepared_dir(data_dir, "manifest", {})
+    wider = faces.prepared_dir(data_dir, "manifest", {"margin": 0.5})
+    assert wider != default and wider.parent.name.startswith("margin-0.5-")
+    assert lines[-5] == f"manifest: prepared in {wider}"
+    source = open_prepared(data_dir, "train", dataset="manifest", margin=0.5)
+    expected = _expected(manual, "train", margin=0.5)
+    _assert_same_records([source[i] for i in range(len(source))], expected)
+    narrow = open_prepared(data_dir, "train", dataset="manifest")
+    assert source[2]["key"] == "img/d.png" and source[2]["image"].shape == (20, 20, 3)
+    assert narrow[2]["image"].shape == (14, 14, 3)
+
+
+def test_config_names_follow_the_options():
+    name = faces.config_name
+    assert name("manifest", {}) == name("manifest", {"seed": 0, "margin": 0.2})
+    assert name("manifest", {"margin": 1}) == name("manifest", {"margin": 1.0})
+    names = {name("manifest", {}), name("manifest", {"seed": 1}), name("manifest", {"seed": 2}),
+             name("manifest", {"margin": 0.3}), name("rafdb", {"images": "original"})}
+    assert len(names) == 5
+    assert all(re.fullmatch(r"[\w+\-.]+", n) for n in names)
+    assert name("manifest", {}).startswith("default-")
+    assert name("rafdb", {"images": "original"}).startswith("images-original-")
+    with pytest.raises(DatasetError, match="unknown dataset 'nope'"):
+        faces.prepared_dir("/data", "nope", {})
+
+
+def test_a_missing_preparation_names_the_folder_and_the_command(prepared):
+    _, data_dir, _ = prepared
+    directory = faces.prepared_dir(data_dir, "manifest", {"seed": 3})
+    with pytest.raises(DatasetError) as error:
+        open_prepared(data_dir, "train", dataset="manifest", seed=3)
+    message = str(error.value)
+    assert f"no preparation in {directory}" in message and "\n" not in message
+    assert message.endswith(f"fbnet prepare --dataset manifest --manual_dir '<the manifest "
+                            f"folder>' --data_dir {data_dir} --option seed=3")
+    assert faces.config_name("manifest", {}) in message  # what is prepared there
+    with pytest.raises(DatasetError, match="no split 'all'"):
+        open_prepared(data_dir, "all", dataset="manifest")
+
+
+def test_strict_stops_at_the_corrupt_image(tmp_path):
+    manual = _dataset(tmp_path / "manual")
+    with pytest.raises(BadRecordError, match=r"c\.png: unreadable image .*strict"):
+        _run("manifest", manual, tmp_path / "data", [], True)
+    assert not faces.prepared_dir(tmp_path / "data", "manifest", {}).exists()
+    assert not any("incomplete" in p.name for p in (tmp_path / "data").rglob("*"))
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    manual = _dataset(tmp_path / "manual")
+    for options, message in [
+            (["colour=red"], "manifest: unknown option(s) colour; its options: "
+                             "validation_fraction (default 0.1), test_fraction (default 0.1), "
+                             "seed (default 0), margin (default 0.2)"),
+            (["seed"], "--option expects KEY=VALUE, got 'seed'; manifest's options: "),
+            (["seed=1", "seed=2"], "--option seed is given twice"),
+            (["margin=-1"], "manifest: option margin must be a number >= 0, got -1.0")]:
+        with pytest.raises(DatasetError) as error:
+            _run("manifest", manual, tmp_path / "data", options, False)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "data").exists()
+    assert prepare.parse_options("rafdb", ["images=original", "seed=3", "validation_fraction=.2"]
+                                 ) == {"images": "original", "seed": 3, "validation_fraction": 0.2}
+    for value in ("va", "3", 3, 0.5, True, None, "a b"):
+        assert prepare.parse_option_value(prepare.option_text(value)) == value

@@ -1,0 +1,212 @@
+"""Dataset sources in the mixture: config entries, validation, evaluation and a short run."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from data_pipelines import pipeline
+from fbnet_jax import config_checks, train
+from fbnet_jax.errors import ConfigError
+
+
+def _dataset(folder, rows, corrupt=()):
+    """A manifest dataset: rows of (subject, expression or "", AU12 or "", split)."""
+    rng = np.random.default_rng(len(rows))
+    lines = ["path,expression,AU12,valence,arousal,subject,split"]
+    for k, (subject, expression, au12, split) in enumerate(rows):
+        path = folder / "img" / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(path)
+        if k in corrupt:
+            path.write_bytes(b"\x89PNG broken")
+        va = ("0.25", "-0.5") if expression == "" else ("", "")
+        lines.append(",".join([f"img/{k}.png", expression, au12, *va, subject, split]))
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _config(tiny_config, roots):
+    config = tiny_config
+    sources = {name: pipeline.dataset_source("manifest", str(root), weight=1.0)
+               for name, root in roots.items()}
+    with config.unlocked():
+        config.data.sources = type(config.data.sources)(sources)
+    config.train.num_steps = 3
+    config.train.eval_every = 0
+    config.train.log_every = 1
+    config.train.best_metric = ""
+    return config
+
+
+def _rows(n, split_of, expression):
+    return [(f"S{k}", (str(k % 7) if expression else ""), ("" if expression else str(k % 2)),
+             split_of(k)) for k in range(n)]
+
+
+def _two_datasets(tmp_path, corrupt=()):
+    split_of = lambda k: ("train", "validation", "test")[k % 3]  # noqa: E731
+    return {"faces_expr": _dataset(tmp_path / "expr", _rows(12, split_of, True), corrupt),
+            "faces_au": _dataset(tmp_path / "au", _rows(9, split_of, False))}
+
+
+def test_dataset_source_entries_hold_every_option(tmp_path):
+    entry = pipeline.dataset_source("manifest", str(tmp_path), weight=2.0, seed=4)
+    assert entry.to_dict() == {"kind": "manifest", "root": str(tmp_path), "weight": 2.0,
+                               "margin": 0.2, "strict": False, "balance_expressions": False,
+                               "prepared": "",
+                               "options": {
+                                   "validation_fraction": 0.1, "test_fraction": 0.1, "seed": 4}}
+    with pytest.raises(ValueError, match=r"manifest: unknown option\(s\) sede"):
+        pipeline.dataset_source("manifest", str(tmp_path), sede=4)
+
+
+def test_config_problems_name_the_field(tiny_config, tmp_path):
+    config = _config(tiny_config, {"a": "", "b": tmp_path / "nowhere"})
+    config.data.sources.a.options.seed = 1
+    config.data.sources.b.margin = -1.0
+    with pytest.raises(ConfigError) as error:
+        config_checks.validate(config, num_devices=1, num_processes=1)
+    text = str(error.value)
+    assert ("data.sources.a.root: empty; give the manifest dataset's folder with "
+            "--config.data.sources.a.root=/path/to/it") in text
+    assert f"data.sources.b.root: {tmp_path / 'nowhere'} does not exist" in text
+    assert "data.sources.b.margin: must be >= 0, got -1.0" in text
+
+
+def test_eval_scores_every_readable_image_once_and_skips_unreadable_ones(tiny_config, tmp_path):
+    config = _config(tiny_config, _two_datasets(tmp_path, corrupt=(2,)))
+    batches = pipeline.build_eval_batches(config, split="test", process_index=0,
+                                          process_count=1)
+    keys, sources = [], []
+    for batch in batches:
+        valid = batch["valid"] > 0
+        keys += list(batch["key"][valid])
+        sources += list(batch["source"][valid])
+    # Test rows are k = 2, 5, 8, 11 of faces_expr (2 is corrupt) and 2, 5, 8 of faces_au;
+    # sources are in name order: faces_au = 0, faces_expr = 1.
+    assert keys == ["img/2.png", "img/5.png", "img/8.png", "img/5.png", "img/8.png",
+                    "img/11.png"]
+    assert sources == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_short_run_on_a_mixture_of_two_datasets(tiny_config, tmp_path):
+    config = _config(tiny_config, _two_datasets(tmp_path))
+    results = train.train_and_evaluate(config, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["step"] == 3 == results["step"]
+    assert np.isfinite(saved["test/expression_accuracy"])
+    assert np.isfinite(saved["test/au_mean_f1"])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"source faces_expr: manifest [train] 4 record(s) from {tmp_path}/expr; no record " \
+           "skipped" in log
+    # Train rows of faces_expr are k = 0, 3, 6, 9, with expressions k % 7 = 0, 3, 6, 2.
+    assert ("source faces_expr: training images per expression: Neutral 1, Anger 0, Disgust 1, "
+            "Fear 1, Happiness 0, Sadness 0, Surprise 1, no expression 0") in log
+
+
+def test_balanced_sampling_makes_expressions_equally_frequent(tiny_config, tmp_path):
+    # 30 Happiness, 3 Disgust, 10 without an expression (VA only), all in the train split.
+    rows = ([(f"S{k}", "4", "", "train") for k in range(30)]
+            + [(f"D{k}", "2", "", "train") for k in range(3)]
+            + [(f"V{k}", "", "", "train") for k in range(10)])
+    folder = _dataset(tmp_path / "skewed", rows)
+    counts = {}
+    for balance in (False, True):
+        config = _config(tiny_config, {"skewed": folder})
+        config.data.sources.skewed.balance_expressions = balance
+        config.data.augment.max_shift = 0.0
+        with contextlib.closing(pipeline.build_train_iterator(
+                config, process_index=0, process_count=1)) as it:
+            batches = [next(it) for _ in range(150)]
+        expression = np.concatenate([b["expression"] for b in batches])
+        mask = np.concatenate([b["expression_mask"] for b in batches]) > 0
+        counts[balance] = (np.sum(mask & (expression == 4)), np.sum(mask & (expression == 2)),
+                           np.sum(~mask))
+    total = 150 * 16
+    happy, disgust, unlabelled = counts[False]
+    assert abs(disgust / total - 3 / 43) < 0.02 and abs(happy / total - 30 / 43) < 0.03
+    happy, disgust, unlabelled = counts[True]
+    assert abs(happy / total - 33 / 86) < 0.03 and abs(disgust / total - 33 / 86) < 0.03
+    assert abs(unlabelled / total - 10 / 43) < 0.03
+
+
+def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, tmp_path):
+    roots = _two_datasets(tmp_path, corrupt=(2,))
+    data_dir = tmp_path / "prepared"
+    printed = {}
+    for name, root in roots.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "fbnet_jax.main", "prepare", "--dataset", "manifest",
+             "--manual_dir", str(root), "--data_dir", str(data_dir / name)],
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+            text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        printed[name] = result.stdout.splitlines()[-3:]
+    # One data_dir holds one preparation per dataset and options: another copy is refused.
+    again = subprocess.run(
+        [sys.executable, "-m", "fbnet_jax.main", "prepare", "--dataset", "manifest",
+         "--manual_dir", str(roots["faces_au"]), "--data_dir", str(data_dir / "faces_expr")],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=300, check=False)
+    assert again.returncode == 2 and "already holds manifest with these options, prepared " \
+        f"from {roots['faces_expr']}, not {roots['faces_au']}" in again.stderr
+    assert printed == {
+        "faces_au": ["  train: 3 record(s) written, 0 skipped",
+                     "  validation: 3 record(s) written, 0 skipped",
+                     "  test: 3 record(s) written, 0 skipped"],
+        "faces_expr": ["  train: 4 record(s) written, 0 skipped",
+                       "  validation: 4 record(s) written, 0 skipped",
+                       "  test: 3 record(s) written, 1 skipped (1 unreadable image)"]}
+
+    def eval_keys(config):
+        batches = pipeline.build_eval_batches(config, split="test", process_index=0,
+                                              process_count=1)
+        return [(k, int(s)) for b in batches
+                for k, s, v in zip(b["key"], b["source"], b["valid"]) if v > 0]
+
+    raw = _config(tiny_config, roots)
+    config = _config(tiny_config.copy_and_resolve_references(), {n: "" for n in roots})
+    for name in roots:
+        config.data.sources[name].prepared = str(data_dir / name)
+    config_checks.validate(config, num_devices=1, num_processes=1)
+    kind_prepared = _config(tiny_config.copy_and_resolve_references(), {})
+    with kind_prepared.unlocked():
+        kind_prepared.data.sources = type(config.data.sources)({
+            name: pipeline.prepared_source("manifest", str(data_dir / name)) for name in roots})
+    config_checks.validate(kind_prepared, num_devices=1, num_processes=1)
+    # The corrupt test image (faces_expr img/2.png) was found at preparation and left out.
+    assert eval_keys(config) == eval_keys(raw) == eval_keys(kind_prepared) == [
+        ("img/2.png", 0), ("img/5.png", 0), ("img/8.png", 0), ("img/5.png", 1),
+        ("img/8.png", 1), ("img/11.png", 1)]
+
+
+def test_prepared_source_entries(tiny_config, tmp_path):
+    entry = pipeline.prepared_source("manifest", str(tmp_path), weight=0.5, seed=2)
+    assert entry.to_dict() == {"kind": "prepared", "dataset": "manifest", "data_dir": str(tmp_path),
+                               "weight": 0.5, "margin": 0.2, "balance_expressions": False,
+                               "options": {"validation_fraction": 0.1, "test_fraction": 0.1,
+                                           "seed": 2}}
+    config = _config(tiny_config, {})
+    with config.unlocked():
+        config.data.sources = type(config.data.sources)({
+            "a": pipeline.prepared_source("manifest"),
+            "b": pipeline.prepared_source("manifest", str(tmp_path / "no")),
+            "c": pipeline.prepared_source("manifest", str(tmp_path))})
+    config.data.sources.c.dataset = "rafdbb"
+    with pytest.raises(ConfigError) as error:
+        config_checks.validate(config, num_devices=1, num_processes=1)
+    assert str(error.value).splitlines()[1:] == [
+        "  - data.sources.a.data_dir: empty; give the --data_dir of fbnet prepare with "
+        "--config.data.sources.a.data_dir=/path/to/it",
+        f"  - data.sources.b.data_dir: {tmp_path / 'no'} is not a folder (the --data_dir of "
+        "fbnet prepare)",
+        "  - data.sources.c.dataset: unknown dataset 'rafdbb'; known: affectnet, affwild2, bp4d, "
+        "bp4d_plus, ckplus, disfa, emotionet, expw, fer2013, ferplus, manifest, rafdb, "
+        "rafdb_compound"]
