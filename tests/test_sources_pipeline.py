@@ -96,16 +96,36 @@ def test_eval_scores_every_readable_image_once_and_skips_unreadable_ones(tiny_co
     assert sources == [0, 0, 0, 1, 1, 1]
 
 
+def _rafdb(folder):
+    """A RAF-DB basic set: 10 train and 3 test aligned faces, the label file without a final
+    newline, as published."""
+    rng = np.random.default_rng(7)
+    names = [f"train_{k:05d}.jpg" for k in range(1, 11)] + [f"test_{k:04d}.jpg" for k in (1, 2, 3)]
+    for name in names:
+        path = folder / "basic" / "Image" / "aligned" / name.replace(".jpg", "_aligned.jpg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+    labels = folder / "basic" / "EmoLabel" / "list_patition_label.txt"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("\n".join(f"{name} {k % 7 + 1}" for k, name in enumerate(names)))
+    return folder / "basic"
+
+
 def test_a_short_run_on_a_mixture_of_two_datasets(tiny_config, tmp_path):
-    config = _config(tiny_config, _two_datasets(tmp_path))
+    roots = _two_datasets(tmp_path)
+    config = _config(tiny_config, {"faces_expr": roots["faces_expr"]})
+    with config.unlocked():
+        config.data.sources.rafdb = pipeline.dataset_source(
+            "rafdb", str(_rafdb(tmp_path / "raf")), validation_fraction=0.5)
     results = train.train_and_evaluate(config, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["step"] == 3 == results["step"]
-    assert np.isfinite(saved["test/expression_accuracy"])
-    assert np.isfinite(saved["test/au_mean_f1"])
+    for source in ("faces_expr", "rafdb"):  # per-source test metrics of both datasets
+        assert np.isfinite(saved[f"test/{source}/expression_accuracy"]), saved.keys()
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"source faces_expr: manifest [train] 4 record(s) from {tmp_path}/expr; no record " \
            "skipped" in log
+    assert "source rafdb: rafdb [test] 3 record(s) from" in log
     # Train rows of faces_expr are k = 0, 3, 6, 9, with expressions k % 7 = 0, 3, 6, 2.
     assert ("source faces_expr: training images per expression: Neutral 1, Anger 0, Disgust 1, "
             "Fear 1, Happiness 0, Sadness 0, Surprise 1, no expression 0") in log
