@@ -113,6 +113,12 @@ def _expression(value: object, keep_contempt: bool) -> int | str:
     return _TO_C7[code]
 
 
+def _report_code(table: base.Table, reason: str, where: str, detail: str) -> None:
+    """Codes 7-10 are AffectNet's own classes outside the 7 (counted apart, never a strict
+    error); any other unusable code is bad data."""
+    (table.skips.drop if reason in _DROPPED.values() else table.skips.skip)(reason, where, detail)
+
+
 def _va(valence: object, arousal: object) -> tuple[float, float] | None:
     """The (valence, arousal) pair, None when it carries the -2 marker.
 
@@ -176,7 +182,7 @@ def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
                     continue
             expression = _expression(row["expression"], keep_contempt)
             if isinstance(expression, str):
-                table.skips.skip(expression, where, row["expression"])
+                _report_code(table, expression, where, row["expression"])
                 continue
             try:
                 va = _va(row["valence"], row["arousal"])
@@ -202,7 +208,7 @@ def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
                     continue
                 landmarks = np.array(values, np.float32).reshape(-1, 2)
             if expression < 0 and va is None:
-                table.skips.skip("no label", where)
+                table.skips.drop("no label", where)
                 continue
             file = images / image
             table.add(file.relative_to(root).as_posix(), where=where, path=file,
@@ -266,7 +272,7 @@ def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
                 continue
             expression = _expression(values["exp"], keep_contempt)
             if isinstance(expression, str):
-                table.skips.skip(expression, where, repr(values["exp"]))
+                _report_code(table, expression, where, repr(values["exp"]))
                 continue
             try:
                 va = _va(values["val"], values["aro"])
@@ -274,7 +280,7 @@ def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
                 table.skips.skip("bad valence/arousal", where, str(e))
                 continue
             if expression < 0 and va is None:
-                table.skips.skip("no label", where)
+                table.skips.drop("no label", where)
                 continue
             file = images / f"{image_id}.jpg"
             table.add(file.relative_to(root).as_posix(), where=where, path=file,

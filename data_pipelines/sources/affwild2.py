@@ -94,6 +94,16 @@ _AU_HEADER = re.compile(r"^AU\s*0*(\d+)$", re.IGNORECASE)
 _SEVEN_CLASSES = [name.lower() for name in taxonomy.EXPRESSIONS]
 
 
+# Frames the annotators left unlabelled (the challenge's -5 / -1 markers) or labelled outside the
+# 7 expressions: correct data the project does not use, counted apart (never strict errors).
+_POLICY = ("valence/arousal not annotated", "expression not annotated", "expression Other",
+           "AUs not annotated", "no label")
+
+
+def _report(table: base.Table, reason: str, detail: str, where: str) -> None:
+    (table.skips.drop if reason in _POLICY else table.skips.skip)(reason, where, detail)
+
+
 class _Skip(Exception):
     """A line that cannot be used: args are (reason, detail)."""
 
@@ -267,7 +277,7 @@ def _read_video(path: Path, task: str, table: base.Table, images: _Images, group
                 if (au < 0).all():
                     raise _Skip("AUs not annotated", lines[frame])
         except _Skip as e:
-            table.skips.skip(e.args[0], where, e.args[1])
+            _report(table, *e.args, where)
             continue
         name = f"{frame:05d}.jpg"
         table.add(f"{video}/{name}", where=where, path=folder / name, expression=expression,
@@ -314,7 +324,7 @@ def _read_mtl(root: Path, split: str, table: base.Table, *, validation_fraction:
                 if va is None and expression < 0 and (au < 0).all():
                     raise _Skip("no label", line)
             except _Skip as e:
-                table.skips.skip(e.args[0], where, e.args[1])
+                _report(table, *e.args, where)
                 continue
             table.add(name, where=where, path=images.folder(video) / frame,
                       expression=expression, au=au, va=va, group=group)
