@@ -290,6 +290,26 @@ def test_disfa_frame_namings(tmp_path, naming, option):
     assert not table.skips.total
 
 
+@pytest.mark.parametrize("naming, missing, expected", [
+    ("img/{s}/{i}.jpg", None, "{i}.jpg"),      # 0..2 for labels 1..3
+    ("img/{s}/{n}.jpg", None, "{n}.jpg"),      # 1..3
+    ("img/{s}/{i}.jpg", "0.jpg", None),        # 1, 2: numbered from 0 without its first frame?
+    ("img/{s}/{n}.jpg", "3.jpg", None),        # 1, 2: numbered from 1 without its last frame?
+])
+def test_disfa_frame_numbering_is_decided_from_both_ends(tmp_path, naming, missing, expected):
+    _write_disfa(tmp_path, {"SN002": [1, 2, 3]}, naming=naming)
+    if missing:
+        (tmp_path / "img" / "SN002" / missing).unlink()
+    if expected:
+        table = _read(disfa.read, tmp_path, frames_dir="img")
+        assert [Path(p).name for p in table.columns()["path"]] == [
+            expected.format(i=f - 1, n=f) for f in (1, 2, 3)]
+    else:
+        with pytest.raises(base.DatasetError, match=r"cannot tell whether the frames in .*SN002 "
+                                                    r"are numbered from 0 or 1.*set frame_naming"):
+            _read(disfa.read, tmp_path, frames_dir="img")
+
+
 def test_disfa_layout_errors(disfa_root, tmp_path):
     (tmp_path / "nowhere").mkdir()
     with pytest.raises(base.DatasetError, match="found no AU label folder.*ActionUnit_Labels"):

@@ -49,7 +49,6 @@ Keys are the image paths relative to `root`.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -139,23 +138,11 @@ def _check_images(folder: Path, table: base.Table) -> None:
 
 
 def _csv_rows(path: Path):
-    """(line number, {column: text}) or (line number, reason) for each row of a list file."""
+    """(line number, {column: text}) or (line number, problem) for each row of a list file."""
     if not path.is_file():
         raise base.DatasetError(f"{DATASET}: {path} does not exist (expected the list "
                                 f"{path.name} with header {','.join(_COLUMNS)})")
-    rows = csv.reader(base.read_lines(path))
-    header = [h.strip() for h in next(rows, [])]
-    missing = [c for c in _COLUMNS if c not in header]
-    if missing:
-        raise base.DatasetError(f"{path}: the header lacks {', '.join(missing)}; expected "
-                                f"{','.join(_COLUMNS)}")
-    for number, cells in enumerate(rows, 2):
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            yield number, "wrong number of fields"
-            continue
-        yield number, {h: c.strip() for h, c in zip(header, cells)}
+    return base.csv_rows(path, _COLUMNS)
 
 
 def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
@@ -171,7 +158,7 @@ def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
         for number, row in _csv_rows(path):
             where = f"{path}:{number}"
             if isinstance(row, str):
-                table.skips.skip(row, where)
+                table.skips.skip("wrong number of fields", where, row)
                 continue
             image = row["subDirectory_filePath"]
             if not image:

@@ -24,13 +24,14 @@ AU); `FileSource` projects them onto the AU list it is given.
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import hashlib
 import io
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,32 @@ def read_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
     return text.splitlines()
+
+
+def csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict | str]]:
+    """(line number, {column: stripped cell}) for each non-empty row of a CSV file, or (line
+    number, what is wrong) for a row with another number of fields than the header.
+
+    Raises:
+      DatasetError: the file is empty or its header lacks one of `required`.
+    """
+    reader = csv.reader(read_lines(path))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise DatasetError(f"{path}: empty file (expected a header with "
+                           f"{', '.join(required)})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetError(f"{path}: the header lacks {', '.join(missing)} (got "
+                           f"{', '.join(header)}; expected {', '.join(required)})")
+    for number, cells in enumerate(reader, 2):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield number, f"{len(cells)} fields, expected {len(header)}"
+            continue
+        yield number, {h: c.strip() for h, c in zip(header, cells)}
 
 
 class FileSource:

@@ -30,8 +30,6 @@ Splits: the dataset's own, from the Usage column: Training -> "train", PublicTes
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,31 +48,6 @@ _VOTES = (("neutral", 0), ("happiness", 4), ("surprise", 6), ("sadness", 5), ("a
 _DROPPED_WINNER = {"contempt": "majority vote contempt", "unknown": "majority vote unknown",
                    "NF": "majority vote not a face"}
 _SIDE = 48
-
-
-def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict | str]]:
-    """(line number, {column: stripped cell} or a reason) for each non-empty row of a CSV file.
-
-    Raises:
-      DatasetError: the file is empty or its header lacks one of `required`.
-    """
-    reader = csv.reader(base.read_lines(path))
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise base.DatasetError(f"{path}: empty file (expected a header with "
-                                f"{', '.join(required)})") from None
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise base.DatasetError(f"{path}: the header lacks {', '.join(missing)} (got "
-                                f"{', '.join(header)}; expected {', '.join(required)})")
-    for number, cells in enumerate(reader, 2):
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            yield number, f"{len(cells)} fields, expected {len(header)}"
-            continue
-        yield number, {h: c.strip() for h, c in zip(header, cells)}
 
 
 def _pixels(text: str) -> np.ndarray:
@@ -101,7 +74,7 @@ def read_fer2013(root: Path, split: str, table: base.Table) -> None:
     root = Path(root)
     path = _fer_file(root, "fer2013")
     name = path.relative_to(root).as_posix()
-    for index, (number, row) in enumerate(_csv_rows(path, _FER_COLUMNS)):
+    for index, (number, row) in enumerate(base.csv_rows(path, _FER_COLUMNS)):
         where = f"{path}:{number}"
         if isinstance(row, str):
             table.skips.skip("wrong number of fields", where, row)
@@ -156,8 +129,8 @@ def read_ferplus(root: Path, split: str, table: base.Table) -> None:
     ferplus = base.find_file(root, ("fer2013new.csv",), "ferplus", "FER+ label file")
     fer = _fer_file(root, "ferplus")
     columns = ("Usage", "Image name") + tuple(c for c, _ in _VOTES)
-    fer_rows = _csv_rows(fer, _FER_COLUMNS)
-    for number, row in _csv_rows(ferplus, columns):
+    fer_rows = base.csv_rows(fer, _FER_COLUMNS)
+    for number, row in base.csv_rows(ferplus, columns):
         where = f"{ferplus}:{number}"
         fer_number, fer_row = next(fer_rows, (None, None))
         if fer_number is None:
