@@ -38,12 +38,14 @@ both. `all` is every row of both files.
 Labels: the expression codes 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger
 map to the project's order (Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise) as
 [0, 4, 5, 6, 3, 2, 1]. Codes 7 Contempt, 8 None, 9 Uncertain and 10 No-Face have no class of the
-7: their rows are skipped, each counted under its own reason. With
+7: their rows are left out, each counted apart under its own reason (`Skips.drop`: AffectNet's
+own labels, never a strict error). With
 `keep_contempt_as_missing_expression=True` a Contempt row is kept instead, with the expression
 missing (-1) and its valence/arousal labels (the project has no Contempt class). Valence and
 arousal are floats in [-1, 1]; -2 (the value of the Uncertain and No-Face rows) means "not
 annotated": a pair with a -2 has no VA label. Any other value outside [-1, 1], or NaN, skips the
-row; so does a code outside 0..10, a row without a usable label, or an empty face box.
+row; so does a code outside 0..10 or an empty face box (a row left without any label is left
+out).
 Keys are the image paths relative to `root`.
 """
 

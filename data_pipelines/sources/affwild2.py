@@ -55,11 +55,12 @@ Rows are grouped by source video (the `_left`/`_right` suffix removed, so both p
 stay in one split): no video is in two splits.
 
 Markers and skips: a frame whose label of the chosen task is not annotated (a -5 in its VA pair,
-an expression of -1, every AU -1) is skipped and counted; a single AU of -1 only makes that AU
-missing. In MTL lines each task's marker makes only that label missing, and a line with no label
-left is skipped. Expression 7 (Other, no class of the 7) skips the frame, counted, unless
+an expression of -1, every AU -1) is left out and counted apart (`Skips.drop`: correct data,
+never a strict error); a single AU of -1 only makes that AU missing. In MTL lines each task's
+marker makes only that label missing, and a line with no label left is left out. Expression 7
+(Other, no class of the 7) leaves the frame out the same way, unless
 `keep_other_as_missing_expression=True`: then an MTL line keeps its VA and AU labels with the
-expression missing (in the EXPR task such a frame has no label left and is skipped all the
+expression missing (in the EXPR task such a frame has no label left and is left out all the
 same). A value outside [-1, 1] or NaN (VA), a code outside these, or a line with the wrong
 number of fields skips the line.
 """
