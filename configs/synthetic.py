@@ -165,6 +165,7 @@ def get_config(arg: str = ""):
         eval_every=2 if tiny else 500,   # steps between validation evaluations; 0 = end only
         checkpoint_every=4 if tiny else 500,   # steps between checkpoints (and at the end)
         stop_after_steps=0,   # stop this invocation after N steps (checkpointed; for job slots)
+        profile_steps=0,      # trace N steps (from the 2nd on) into <workdir>/profile; 0 = off
         max_checkpoints_to_keep=2,       # latest checkpoints kept
         best_metric="validation/expression_accuracy",   # also keep the best checkpoint by it
         best_mode="max",                 # max | min

@@ -37,6 +37,7 @@ FREE_FIELDS = (
     "data.worker_buffer_size", "data.validate_records",
     "data.sources.*.validation_size", "data.sources.*.test_size",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_steps",
+    "train.profile_steps",
     "train.max_checkpoints_to_keep", "train.best_metric", "train.best_mode",
     "train.eval_split", "train.test_split", "train.tune_au_thresholds",
 )
@@ -243,6 +244,7 @@ def _check_train(config, problems, warnings):
     _range(problems, "train.checkpoint_every", train.checkpoint_every, 1, integer=True)
     _range(problems, "train.eval_every", train.eval_every, 0, integer=True)
     _range(problems, "train.stop_after_steps", train.stop_after_steps, 0, integer=True)
+    _range(problems, "train.profile_steps", train.get("profile_steps", 0), 0, integer=True)
     _range(problems, "train.max_checkpoints_to_keep", train.max_checkpoints_to_keep, 1,
            integer=True)
     _one_of(problems, "train.best_mode", train.best_mode, ("max", "min"))

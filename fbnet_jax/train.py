@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 import tensorboardX
+from clu import parameter_overview
 
 from data_pipelines import pipeline
 from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel, relatedness
@@ -250,6 +251,57 @@ def _check_workdir(config, workdir: Path, allow_config_change: bool) -> tuple[li
     return notes, latest
 
 
+PROFILE_DIR = "profile"
+
+
+def memory_line(compiled) -> str:
+    """What a compiled step needs per device, from XLA's memory analysis (when it has one)."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        stats = None
+    if stats is None:
+        return "no memory analysis on this backend"
+    mib = lambda n: n / 2**20  # noqa: E731
+    return (f"per device: {mib(stats.argument_size_in_bytes):.1f} MiB arguments, "
+            f"{mib(stats.output_size_in_bytes):.1f} MiB outputs "
+            f"({mib(stats.alias_size_in_bytes):.1f} MiB of them donated), "
+            f"{mib(stats.temp_size_in_bytes):.1f} MiB temporaries, "
+            f"{mib(stats.generated_code_size_in_bytes):.1f} MiB code")
+
+
+class Profiler:
+    """A `jax.profiler` trace of `num_steps` train steps (`config.train.profile_steps`), taken
+    from the second step of the invocation on (the first compiles), into `directory`; viewable
+    in TensorBoard's profile plugin or Perfetto. 0 steps: nothing is traced."""
+
+    def __init__(self, directory: Path, num_steps: int):
+        self.directory, self.num_steps = directory, int(num_steps)
+        self.first = self.traced = None
+
+    def before_step(self, step: int) -> None:
+        if self.num_steps > 0 and self.first is None and jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.first, self.traced = step + 1, 0
+
+    def after_step(self, step: int, step_metrics) -> None:
+        if self.traced is None:
+            return
+        self.traced += 1
+        if self.traced == self.num_steps:
+            jax.block_until_ready(step_metrics)
+            self.close()
+
+    def close(self) -> None:
+        """Ends the trace (also when the loop ends early); logs where it is."""
+        if self.traced is not None:
+            jax.profiler.stop_trace()
+            log.info("profile of steps %d-%d written to %s", self.first,
+                     self.first + self.traced - 1, self.directory)
+            self.traced = None
+
+
 def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
     """Builds everything, restores, trains, evaluates; returns metrics or a TrainingStopped."""
     is_main = jax.process_index() == 0
@@ -259,6 +311,9 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
     model, tx, schedule, state = create_state(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s, %.2fM parameters", config.model.backbone, num_params / 1e6)
+    if is_main:
+        log.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+            state.params, include_stats=False))
     train_cfg = config.train
     manager = checkpointing.create_manager(
         workdir, max_to_keep=train_cfg.max_checkpoints_to_keep,
@@ -285,8 +340,12 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
                 log.info("no checkpoint in %s: starting at step 0", workdir)
             if is_main:  # only now: a restart that failed has not replaced the run's config
                 (workdir / "config.json").write_text(config.to_json(indent=2))
-            return _train_loop(config, workdir, mesh, model, state, train_step, schedule,
-                               manager, data_iterator, writer, stop)
+            profiler = Profiler(workdir / PROFILE_DIR, config.train.get("profile_steps", 0))
+            try:
+                return _train_loop(config, workdir, mesh, model, state, train_step, schedule,
+                                   manager, data_iterator, writer, stop, profiler)
+            finally:
+                profiler.close()
         finally:
             pipeline.close_iterator(data_iterator)
             if writer is not None:
@@ -334,7 +393,7 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
 
 
 def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manager, data_iterator,
-                writer, stop: StopSignals):
+                writer, stop: StopSignals, profiler: "Profiler"):
     """The loop of `train_and_evaluate`: final metrics, or a TrainingStopped to raise."""
     train_cfg = config.train
     num_steps = train_cfg.num_steps
@@ -405,8 +464,16 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         local_batch = next(data_iterator)
         seen += pipeline.source_counts(local_batch, len(names))
         batch = parallel.global_batch(local_batch, mesh)
+        if first_step:  # compile ahead of the call, to report its time and memory
+            compile_start = time.perf_counter()
+            train_step = train_step.lower(state, batch).compile()
+            log.info("train step compiled in %.1fs; %s", time.perf_counter() - compile_start,
+                     memory_line(train_step))
+        else:
+            profiler.before_step(step)
         state, step_metrics = train_step(state, batch)
         step += 1
+        profiler.after_step(step, step_metrics)
         if first_step:  # keep compilation out of the throughput numbers
             jax.block_until_ready(step_metrics)
             log.info("first step (compilation included) took %.1fs",
