@@ -183,19 +183,23 @@ def _parse(argv: list[str]) -> tuple[str, object]:
         flags.FLAGS(argv)
     except (flags.Error, TypeError, ValueError) as e:
         raise UserError(str(e).split(" Currently supported types")[0]) from e
-    relatedness_flags = ("out", "min_count", "max_examples")
-    misplaced = {"train": ("split", "step", *relatedness_flags),
-                 "eval": ("allow_config_change", *relatedness_flags),
-                 "relatedness": ("workdir", "split", "step", "allow_config_change")}[command]
-    _refuse(command, misplaced + PREPARE_FLAGS)
+    _refuse_other_commands_flags(command)
     return command, holder.value
 
 
-PREPARE_FLAGS = ("dataset", "manual_dir", "data_dir", "option", "strict")
+# The flags that belong to one command or a few (the others, such as --debug, to all).
+COMMAND_FLAGS = {
+    "train": ("workdir", "allow_config_change"),
+    "eval": ("workdir", "split", "step"),
+    "relatedness": ("out", "min_count", "max_examples"),
+    "prepare": ("dataset", "manual_dir", "data_dir", "option", "strict"),
+}
 
 
-def _refuse(command: str, names) -> None:
-    given = [f"--{name}" for name in names if flags.FLAGS[name].present]
+def _refuse_other_commands_flags(command: str) -> None:
+    other = {name for names in COMMAND_FLAGS.values() for name in names} - set(
+        COMMAND_FLAGS[command])
+    given = [f"--{name}" for name in sorted(other) if flags.FLAGS[name].present]
     if given:
         raise UserError(f"{' and '.join(given)}: not a flag of fbnet {command}")
 
@@ -214,8 +218,7 @@ def _parse_prepare(spec: str | None, argv: list[str]) -> None:
     missing = [f"--{n}" for n in ("dataset", "manual_dir", "data_dir") if not flags.FLAGS[n].value]
     if missing:
         raise UserError(f"fbnet prepare needs {', '.join(missing)}")
-    _refuse("prepare", ("workdir", "split", "step", "allow_config_change", "out", "min_count",
-                        "max_examples"))
+    _refuse_other_commands_flags("prepare")
 
 
 def _setup_logging() -> None:

@@ -332,10 +332,10 @@ def test_disfa_layout_errors(disfa_root, tmp_path):
         _read(disfa.read, disfa_root, "test", strict=True, fold=1, frame_naming="{i}.jpg")
 
 
-def test_disfa_splits(disfa_root):
+def _check_seeded_subject_split(reader, root):
+    """With a seed that puts a subject in each split, every row is in its subject's split."""
     for seed in range(50):
-        keys = _check_splits(disfa.read, disfa_root, seed=seed, validation_fraction=0.3,
-                             test_fraction=0.3)
+        keys = _check_splits(reader, root, seed=seed, validation_fraction=0.3, test_fraction=0.3)
         if all(keys[s] for s in ("train", "validation", "test")):
             break
     else:
@@ -343,6 +343,10 @@ def test_disfa_splits(disfa_root):
     for split in ("train", "validation", "test"):
         for key in keys[split]:
             assert base.subject_split(key.split("/")[0], seed, 0.3, 0.3) == split
+
+
+def test_disfa_splits(disfa_root):
+    _check_seeded_subject_split(disfa.read, disfa_root)
     # fold 1 tests on part 3 (SN003), fold 2 on part 2 (SN013), fold 3 on part 1 (SN001).
     for fold, held_out in ((1, "SN003"), (2, "SN013"), (3, "SN001")):
         keys = _check_splits(disfa.read, disfa_root, fold=fold, validation_fraction=0.5)
@@ -465,16 +469,7 @@ def test_bp4d_splits(bp4d_root):
         keys = _check_splits(bp4d.read_bp4d, bp4d_root, fold=fold, validation_fraction=0.5)
         assert {k.split("/")[0] for k in keys["test"]} == held_out
         assert not {k.split("/")[0] for k in keys["train"] | keys["validation"]} & held_out
-    for seed in range(50):
-        keys = _check_splits(bp4d.read_bp4d, bp4d_root, seed=seed, validation_fraction=0.3,
-                             test_fraction=0.3)
-        if all(keys[s] for s in ("train", "validation", "test")):
-            break
-    else:
-        pytest.fail("no seed puts a subject in each split")
-    for split in ("train", "validation", "test"):
-        for key in keys[split]:
-            assert base.subject_split(key.split("/")[0], seed, 0.3, 0.3) == split
+    _check_seeded_subject_split(bp4d.read_bp4d, bp4d_root)
     with pytest.raises(base.DatasetError, match="fold must be"):
         _read(bp4d.read_bp4d, bp4d_root, fold=0)
     _write(bp4d_root / "AUCoding/AU_OCC/F099_T1.csv", [BP4D_HEADER, _bp4d_row(1, {1: 1})])

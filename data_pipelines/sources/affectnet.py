@@ -120,6 +120,21 @@ def _report_code(table: base.Table, reason: str, where: str, detail: str) -> Non
     (table.skips.drop if reason in _DROPPED.values() else table.skips.skip)(reason, where, detail)
 
 
+def _labels(table: base.Table, where: str, code: object, valence: object, arousal: object,
+            keep_contempt: bool, shown: str) -> tuple[int, tuple[float, float] | None] | None:
+    """(expression, VA) of a row, or None when the row is skipped or left out (counted);
+    `shown` is the code as messages show it."""
+    expression = _expression(code, keep_contempt)
+    if isinstance(expression, str):
+        _report_code(table, expression, where, shown)
+        return None
+    try:
+        return expression, _va(valence, arousal)
+    except ValueError as e:
+        table.skips.skip("bad valence/arousal", where, str(e))
+        return None
+
+
 def _va(valence: object, arousal: object) -> tuple[float, float] | None:
     """The (valence, arousal) pair, None when it carries the -2 marker.
 
@@ -169,15 +184,11 @@ def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
             if name == "training.csv" and split != "all":
                 if base.subject_split(image, seed, validation_fraction, 0.0) != split:
                     continue
-            expression = _expression(row["expression"], keep_contempt)
-            if isinstance(expression, str):
-                _report_code(table, expression, where, row["expression"])
+            labels = _labels(table, where, row["expression"], row["valence"], row["arousal"],
+                             keep_contempt, row["expression"])
+            if labels is None:
                 continue
-            try:
-                va = _va(row["valence"], row["arousal"])
-            except ValueError as e:
-                table.skips.skip("bad valence/arousal", where, str(e))
-                continue
+            expression, va = labels
             try:
                 x, y, w, h = (float(row[c]) for c in _COLUMNS[1:5])
                 if not (math.isfinite(x + y + w + h) and w > 0 and h > 0):
@@ -259,15 +270,11 @@ def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
             if errors:
                 table.skips.skip("unreadable annotation file", where, "; ".join(errors))
                 continue
-            expression = _expression(values["exp"], keep_contempt)
-            if isinstance(expression, str):
-                _report_code(table, expression, where, repr(values["exp"]))
+            labels = _labels(table, where, values["exp"], values["val"], values["aro"],
+                             keep_contempt, repr(values["exp"]))
+            if labels is None:
                 continue
-            try:
-                va = _va(values["val"], values["aro"])
-            except ValueError as e:
-                table.skips.skip("bad valence/arousal", where, str(e))
-                continue
+            expression, va = labels
             if expression < 0 and va is None:
                 table.skips.drop("no label", where)
                 continue

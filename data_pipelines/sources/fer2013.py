@@ -50,6 +50,15 @@ _DROPPED_WINNER = {"contempt": "majority vote contempt", "unknown": "majority vo
 _SIDE = 48
 
 
+def _in_split(row: dict, split: str, table: base.Table, where: str) -> bool:
+    """Whether a row's Usage puts it in `split`; an unknown Usage is skipped and counted."""
+    row_split = _USAGE.get(row["Usage"])
+    if row_split is None:
+        table.skips.skip("unknown usage", where, row["Usage"])
+        return False
+    return split in ("all", row_split)
+
+
 def _pixels(text: str) -> np.ndarray:
     """uint8 [48, 48] from 2304 space-separated integers 0..255.
 
@@ -79,11 +88,7 @@ def read_fer2013(root: Path, split: str, table: base.Table) -> None:
         if isinstance(row, str):
             table.skips.skip("wrong number of fields", where, row)
             continue
-        row_split = _USAGE.get(row["Usage"])
-        if row_split is None:
-            table.skips.skip("unknown usage", where, row["Usage"])
-            continue
-        if split not in ("all", row_split):
+        if not _in_split(row, split, table, where):
             continue
         code = row["emotion"]
         if not (code.isascii() and code.isdigit() and int(code) < len(_FER_TO_C7)):
@@ -147,11 +152,7 @@ def read_ferplus(root: Path, split: str, table: base.Table) -> None:
             raise base.DatasetError(
                 f"ferplus: {where} says Usage {row['Usage']!r} but the FER2013 row it labels, "
                 f"{fer_where}, says {fer_row['Usage']!r}: the files are not row-aligned")
-        row_split = _USAGE.get(row["Usage"])
-        if row_split is None:
-            table.skips.skip("unknown usage", where, row["Usage"])
-            continue
-        if split not in ("all", row_split):
+        if not _in_split(row, split, table, where):
             continue
         name = row["Image name"]
         if not name:  # FER+ gives no image name to its not-a-face rows
