@@ -17,6 +17,7 @@ or the generator is discarded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -129,22 +130,34 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
         if split not in DATASET_SPLITS:
             raise ValueError(f"source {name!r} has no split {split!r}; dataset sources have "
                              f"{', '.join(DATASET_SPLITS)}")
-        options = source_config.options.to_dict()
         prepared = (source_config.data_dir if kind == "prepared"
                     else source_config.get("prepared", ""))
         if prepared:  # the copy `fbnet prepare` wrote
             dataset = source_config.dataset if kind == "prepared" else kind
-            source = datasets.get_source(
-                "prepared", prepared, split, dataset=dataset, aus=aus,
-                source_index=source_index, margin=float(source_config.margin), **options)
+            args = ("prepared", prepared, split, dataset, False)
         else:
-            source = datasets.get_source(
-                kind, source_config.root, split, aus=aus, source_index=source_index,
-                strict=bool(source_config.strict), margin=float(source_config.margin),
-                unreadable="next" if split == "train" else "mask", **options)
-        logging.info("source %s: %s", name, source.info().line())
-        return source
+            args = (kind, source_config.root, split, None, bool(source_config.strict))
+        return _dataset_source(name, *args, tuple(aus), source_index,
+                               float(source_config.margin),
+                               tuple(sorted(source_config.options.to_dict().items())))
     raise ValueError(f"source {name!r} has unknown kind {kind!r}; known kinds: {SOURCE_KINDS}")
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset_source(name: str, kind: str, root: str, split: str, dataset: str | None,
+                    strict: bool, aus: tuple[int, ...], source_index: int, margin: float,
+                    options: tuple[tuple[str, Any], ...]):
+    """A dataset source, built once per process: every periodic evaluation asks for its split
+    again, and building reads the label files and checks every image file."""
+    if dataset is not None:
+        source = datasets.get_source(kind, root, split, dataset=dataset, aus=aus,
+                                     source_index=source_index, margin=margin, **dict(options))
+    else:
+        source = datasets.get_source(
+            kind, root, split, aus=aus, source_index=source_index, strict=strict, margin=margin,
+            unreadable="next" if split == "train" else "mask", **dict(options))
+    logging.info("source %s: %s", name, source.info().line())
+    return source
 
 
 def source_splits(source_config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -230,3 +231,14 @@ def test_prepared_source_entries(tiny_config, tmp_path):
         "  - data.sources.c.dataset: unknown dataset 'rafdbb'; known: affectnet, affwild2, bp4d, "
         "bp4d_plus, ckplus, disfa, emotionet, expw, fer2013, ferplus, manifest, rafdb, "
         "rafdb_compound"]
+
+
+def test_a_dataset_split_is_read_once_per_process(tiny_config, tmp_path, caplog):
+    config = _config(tiny_config, _two_datasets(tmp_path))
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):  # as three periodic evaluations do
+            list(pipeline.build_eval_batches(config, split="validation", process_index=0,
+                                             process_count=1))
+    built = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("source faces_expr: manifest [validation]")]
+    assert len(built) == 1, built
