@@ -166,6 +166,12 @@ def get_config(arg: str = ""):
         checkpoint_every=4 if tiny else 500,   # steps between checkpoints (and at the end)
         stop_after_steps=0,   # stop this invocation after N steps (checkpointed; for job slots)
         profile_steps=0,      # trace N steps (from the 2nd on) into <workdir>/profile; 0 = off
+        grad_accum_steps=1,   # K > 1: the global batch in K microbatches per step (same loss and
+                              # gradient for K times less activation memory, one extra forward
+                              # pass; BatchNorm then normalises each microbatch by its own stats)
+        nonfinite="stop",     # a step with a NaN/inf loss or gradient: stop | skip (keep the
+                              # state as it was and go on)
+        nonfinite_max_in_a_row=10,   # "skip": stop after this many skipped steps in a row
         max_checkpoints_to_keep=2,       # latest checkpoints kept
         best_metric="validation/expression_accuracy",   # also keep the best checkpoint by it
         best_mode="max",                 # max | min
@@ -173,6 +179,10 @@ def get_config(arg: str = ""):
         test_split="test",               # split of the final evaluation (metrics.json)
         tune_au_thresholds=True,         # final evaluation also reports AU metrics at per-AU
                                          # thresholds chosen on eval_split (au_tuned_*)
+    ))
+    config.parallel = ConfigDict(dict(
+        mode="jit",   # jit: one jax.jit step over a mesh of every device | pmap: jax.pmap over
+                      # each process's devices (same numbers; checkpoints restore in either)
     ))
     config.lock()
     return config

@@ -1,7 +1,8 @@
 """The mixture: sources -> shuffle/repeat -> mix(weights) -> transforms -> batch -> prefetch.
 
-Training (`build_train_iterator`) draws an endless, seeded, checkpointable stream of per-process
-batches from a weighted mixture of sources. Evaluation (`build_eval_batches`) visits every example
+Training (`build_train_iterator`) draws an endless stream of per-process batches from a weighted
+mixture of sources; global batch n is a function of the config and n alone, whatever the number
+of processes reading it. Evaluation (`build_eval_batches`) visits every example
 of every source's evaluation split exactly once, padding so that no example is dropped and every
 process runs the same number of steps.
 
@@ -34,6 +35,7 @@ from absl import flags
 from data_pipelines import schema
 from data_pipelines import sources as datasets
 from data_pipelines import transforms
+from data_pipelines import workers
 from fbnet_jax import taxonomy
 
 # The source kinds `build_source` knows: generated faces, every dataset format of
@@ -345,25 +347,62 @@ def shuffle_seed(seed: int, source_name: str) -> int:
         [seed, zlib.crc32(source_name.encode()), 0x5EED]).generate_state(1)[0])
 
 
-def _augment_seed(seed: int, process_index: int) -> int:
-    # random_map seeds each element from (seed, index in the mixed dataset); folding in the
-    # process keeps the same index on two hosts from getting the same jitter.
-    return int(np.random.SeedSequence([seed, process_index, 0xA06]).generate_state(1)[0])
+def _augment_seed(seed: int) -> int:
+    # random_map seeds each element from (this seed, its index in the global stream), so every
+    # example's jitter is the same whichever process reads it.
+    return int(np.random.SeedSequence([seed, 0xA06]).generate_state(1)[0])
+
+
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch of `parent`, a stream of examples.
+
+    Global batch n is elements [n·G, (n+1)·G) of the parent; process p of P reads rows
+    [p·b, (p+1)·b) of it (b = G / P). So element j here is parent element (j // b)·G + p·b + j % b,
+    and only the rows this process feeds are ever read or decoded.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._global_batch = global_batch
+        self._rows = global_batch // process_count
+        self._offset = process_index * self._rows
+        self._length = len(parent) // global_batch * self._rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._rows)
+        return self._parent[batch * self._global_batch + self._offset + row]
+
+    def __str__(self) -> str:
+        return (f"_ProcessRows(rows {self._offset}-{self._offset + self._rows - 1} of every "
+                f"{self._global_batch})")
 
 
 def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                         process_count: int | None = None) -> grain.DatasetIterator:
+                         process_count: int | None = None,
+                         start_step: int = 0) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches from the weighted mixture.
 
-    Each process reads its own shard (`[process_index::process_count]`) of every source, shuffled
-    with a new order each epoch. Batches are dicts of numpy arrays: `image` float32 [b, H, W, 3],
-    the fields of `schema.BATCH_LABEL_FIELDS`, and `key` (str [b]), with
-    b = global_batch_size // process_count.
+    The data order is a function of the config and the step alone (docs/design.md#runtime): the
+    sources, each shuffled with a new order every epoch, are mixed into one stream of examples,
+    augmented with a seed per position in that stream, and cut into global batches of
+    `global_batch_size`. Process p of P reads rows [p·b, (p+1)·b) of each global batch
+    (b = global_batch_size // P), and only those. So global batch n holds the same examples,
+    with the same augmentation, whether 1 or 64 processes read it, and a run can continue on
+    another number of processes.
 
-    The iterator's position is checkpointable: `get_state()`/`set_state()`, or orbax with
-    `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`. A fresh iterator built from
-    the same config and restored continues with exactly the batches the saved one would have
-    produced. Close it when done (see the module docstring).
+    Batches are dicts of numpy arrays: `image` float32 [b, H, W, 3], the fields of
+    `schema.BATCH_LABEL_FIELDS`, and `key` (str [b]). The first batch is global batch
+    `start_step`, which is how a restored run continues exactly where it stopped: the
+    iterator has no state of its own to checkpoint. Close it when done (see the module
+    docstring).
 
     Batching happens before `to_iter_dataset`, so `read_threads` threads (in each worker, when
     `num_workers > 0`) each build whole batches, and `prefetch_buffer_size` and
@@ -371,15 +410,18 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
 
     Args:
       config: the experiment config (`seed` and `data` are read).
-      process_index: this process's shard; default `jax.process_index()`.
-      process_count: number of shards; default `jax.process_count()`.
+      process_index: which rows of each global batch this process reads; default
+        `jax.process_index()`.
+      process_count: number of processes sharing each global batch; default
+        `jax.process_count()`.
+      start_step: the index of the first global batch (the step a run continues from).
 
     Returns:
       A grain DatasetIterator.
 
     Raises:
       ValueError: for bad weights, a batch size that does not split over the processes, an
-        unknown source kind, or a source with fewer examples than processes.
+        unknown source kind, or a source without training examples.
     """
     data = config.data
     process_index, process_count = _process_shard(process_index, process_count)
@@ -391,35 +433,37 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
     for k, name in enumerate(source_names(data)):
         if weights[k] == 0:  # not trained on; still evaluated, and keeps its index
             continue
-        source = build_source(name, data.sources[name], split="train", aus=aus, source_index=k)
-        shard = grain.MapDataset.source(source)[process_index::process_count]
-        if len(shard) == 0:
-            raise ValueError(f"source {name!r} has {len(source)} training examples, too few to "
-                             f"give each of {process_count} processes one")
+        source = workers.Noted(build_source(name, data.sources[name], split="train", aus=aus,
+                                            source_index=k), name)
+        if len(source) == 0:
+            raise ValueError(f"source {name!r} has no training examples")
         labels = getattr(source, "expression_labels", None)
         if labels is not None:
             logging.info("source %s: training images per expression: %s", name,
                          class_counts_line(labels))
         seed = shuffle_seed(config.seed, name)
         if data.sources[name].get("balance_expressions", False):
-            datasets.append(_class_balanced(source, labels[process_index::process_count],
-                                            process_index, process_count, seed))
+            datasets.append(_class_balanced(source, labels, seed))
         else:
-            datasets.append(shard.seed(seed).shuffle().repeat())
+            datasets.append(grain.MapDataset.source(source).seed(seed).shuffle().repeat())
         mix_weights.append(float(weights[k]))
     ds = grain.MapDataset.mix(datasets, weights=mix_weights)
     ds = _prepare(ds, data, aus)
-    ds = ds.random_map(_augment(data.augment), seed=_augment_seed(config.seed, process_index))
-    ds = _finish(ds).batch(batch_size, drop_remainder=True)
+    ds = _finish(ds.random_map(_augment(data.augment), seed=_augment_seed(config.seed)))
+    ds = _ProcessRows(ds, data.global_batch_size, process_index, process_count)
+    ds = ds.batch(batch_size, drop_remainder=True)[start_step:]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
     if data.num_workers > 0:
         # grain's worker processes read absl flags; outside absl.app.run they are unparsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        # Workers note what they read, so that one that dies is named with its record.
+        board = workers.ReadingBoard(data.num_workers, data.read_threads)
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size),
-            worker_init_fn=_leave_interrupts_to_the_main_process)
+            worker_init_fn=board.worker_init_fn(_leave_interrupts_to_the_main_process))
+        return workers.WatchedIterator(iter(iter_ds), board)
     return iter(iter_ds)
 
 
@@ -443,19 +487,18 @@ class _Rows(grain.sources.RandomAccessDataSource):
         return self._source[int(self._indices[index])]
 
 
-def _class_balanced(source, shard_labels: np.ndarray, process_index: int, process_count: int,
-                    seed: int) -> grain.MapDataset:
-    """This process's shard of `source`, sampled so that every expression present is equally
+def _class_balanced(source, labels: np.ndarray, seed: int) -> grain.MapDataset:
+    """`source` sampled so that every expression present is equally
     frequent among its expression-labelled images; images without an expression keep their
     share of the source. Each class is a shuffled, repeated stream of its own (so a rare class
     repeats more often within an epoch of the others), mixed with fixed weights: deterministic
     and checkpointable like the rest of the mixture.
     """
-    shard_rows = np.arange(process_index, len(source), process_count)
-    groups = [shard_rows[shard_labels == c] for c in range(schema.NUM_EXPRESSIONS)]
+    rows = np.arange(len(source))
+    groups = [rows[labels == c] for c in range(schema.NUM_EXPRESSIONS)]
     groups = [g for g in groups if len(g)]
-    unlabelled = shard_rows[shard_labels < 0]
-    labelled_share = 1.0 - len(unlabelled) / len(shard_rows)
+    unlabelled = rows[labels < 0]
+    labelled_share = 1.0 - len(unlabelled) / len(rows)
     streams, weights = [], []
     for k, rows in enumerate(groups + ([unlabelled] if len(unlabelled) else [])):
         stream_seed = int(np.random.SeedSequence([seed, k, 0xBA1]).generate_state(1)[0])

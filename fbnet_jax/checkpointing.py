@@ -1,9 +1,11 @@
-"""Orbax checkpoints of a run: train state, data iterator state and config, saved together.
+"""Orbax checkpoints of a run: train state and config, saved together.
 
-A step directory holds three items: `state` (the train state pytree), `data` (the grain iterator
-state, one file per process) and `config` (JSON). Restoring all three continues a run on exactly
-the batch where it stopped, and the config stored with a checkpoint is the authority for
-restoring and evaluating it. Saves are asynchronous; a save that dies half-way leaves a temporary
+A step directory holds two items: `state` (the train state pytree, in the jit layout whatever
+`parallel.mode` wrote it) and `config` (JSON). The data iterator needs no item of its own: the
+data order is a function of the config and the step (data_pipelines/pipeline.py), so a run
+continues on exactly the batch where it stopped, on any number of processes. (Checkpoints of
+earlier versions also hold a `data` item, the grain iterator state; it is not read.) The config
+stored with a checkpoint is the authority for restoring and evaluating it. Saves are asynchronous; a save that dies half-way leaves a temporary
 directory that orbax ignores, so the previous checkpoint stays the latest. `save` refuses a state
 holding a NaN or an infinity, so no checkpoint ever holds one.
 """
@@ -18,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -95,8 +96,8 @@ def non_finite_leaves(tree: Any) -> list[str]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, config: ml_collections.ConfigDict,
-         data_iterator: Any = None, metrics: Mapping[str, float] | None = None) -> None:
-    """Starts an asynchronous save of state, iterator state and config at `step`.
+         metrics: Mapping[str, float] | None = None) -> None:
+    """Starts an asynchronous save of state and config at `step`, by every process together.
 
     Raises:
       FloatingPointError: the state or a metric holds a NaN or an infinity. A checkpoint of a
@@ -113,21 +114,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, config: ml_co
                                  f"or infinite values in {shown}")
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
-    if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(step, args=ocp.args.Composite(**items),
                  metrics=dict(metrics) if metrics else None, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | None = None,
-            data_iterator: Any = None) -> tuple[Any, int] | None:
-    """Restores the train state (and the iterator, in place) of `step` (default: the latest).
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, *,
+            step: int | None = None) -> tuple[Any, int] | None:
+    """Restores the train state of `step` (default: the latest).
 
     Args:
       manager: from `create_manager`.
       abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings, the target layout.
       step: the step to restore; None picks the latest.
-      data_iterator: a grain iterator whose state is set to the saved one, when given.
 
     Returns:
       (state, step), or None when there is no checkpoint.
@@ -136,8 +134,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
     if step is None:
         return None
     items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     with _reading(manager, step):
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], step

@@ -5,10 +5,10 @@ what is allowed), so a typo in `train.test_split` fails in a second, not after t
 `check_restart` compares a config with the one stored in a run's checkpoint:
 
 - fields that change neither the trained weights nor the data order (`FREE_FIELDS`: logging,
-  evaluation and checkpoint cadence, evaluation splits) may change on any restart;
+  evaluation and checkpoint cadence, evaluation splits, data workers), `parallel.mode` (both
+  modes give the same numbers) and the non-finite policy may change on any restart;
 - a change of the train state's shapes (the model, the AU list, the image size of a backbone
   with dense layers, the optimizer) can never continue a run: the restore would fail;
-- `data.num_workers` changes the layout of the data iterator's checkpointed state;
 - any other change (learning rate, steps, seed, sources, weights, ...) makes the continued run a
   different experiment from the one its first steps belong to, and is refused unless asked for
   (`allow_changes`, the `--allow_config_change` flag).
@@ -33,16 +33,15 @@ from fbnet_jax.errors import ConfigError, UserError
 # Fields a restart may change (`*` is one path component).
 FREE_FIELDS = (
     "name",
-    "data.eval_batch_size", "data.read_threads", "data.prefetch_buffer_size",
+    "data.num_workers", "data.eval_batch_size", "data.read_threads", "data.prefetch_buffer_size",
     "data.worker_buffer_size", "data.validate_records",
     "data.sources.*.validation_size", "data.sources.*.test_size",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_steps",
-    "train.profile_steps",
+    "train.profile_steps", "train.nonfinite",
+    "train.nonfinite_max_in_a_row", "parallel.mode",
     "train.max_checkpoints_to_keep", "train.best_metric", "train.best_mode",
     "train.eval_split", "train.test_split", "train.tune_au_thresholds",
 )
-# Fields that change the structure of the data iterator state stored in each checkpoint.
-ITERATOR_LAYOUT_FIELDS = ("data.num_workers",)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -237,6 +236,17 @@ def _check_optimizer(config, problems):
     _range(problems, "optimizer.grad_clip_norm", opt.grad_clip_norm, 0)
 
 
+def _check_parallel(config, problems, num_devices):
+    """The step's compilation mode, and a batch that splits into microbatches on every device."""
+    _one_of(problems, "parallel.mode", config.parallel.mode, ("jit", "pmap"))
+    k, batch = config.train.grad_accum_steps, config.data.global_batch_size
+    if (isinstance(k, int) and k > 1 and isinstance(batch, int) and batch > 0
+            and batch % (num_devices * k)):
+        problems.append(f"train.grad_accum_steps: {k} microbatches of the "
+                        f"data.global_batch_size {batch} do not split evenly over the "
+                        f"{num_devices} devices; make the batch a multiple of {num_devices * k}")
+
+
 def _check_train(config, problems, warnings):
     train = config.train
     _range(problems, "train.num_steps", train.num_steps, 1, integer=True)
@@ -246,6 +256,10 @@ def _check_train(config, problems, warnings):
     _range(problems, "train.stop_after_steps", train.stop_after_steps, 0, integer=True)
     _range(problems, "train.profile_steps", train.get("profile_steps", 0), 0, integer=True)
     _range(problems, "train.max_checkpoints_to_keep", train.max_checkpoints_to_keep, 1,
+           integer=True)
+    _range(problems, "train.grad_accum_steps", train.grad_accum_steps, 1, integer=True)
+    _one_of(problems, "train.nonfinite", train.nonfinite, ("stop", "skip"))
+    _range(problems, "train.nonfinite_max_in_a_row", train.nonfinite_max_in_a_row, 1,
            integer=True)
     _one_of(problems, "train.best_mode", train.best_mode, ("max", "min"))
     if train.tune_au_thresholds and train.eval_split == train.test_split:
@@ -294,6 +308,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_losses(config, problems)
     _check_optimizer(config, problems)
     _check_train(config, problems, warnings)
+    _check_parallel(config, problems, num_devices)
     if not any(p.startswith(("model.", "data.image_size", "data.aus")) for p in problems):
         _check_model_builds(config, problems)
     if problems:
@@ -371,24 +386,18 @@ def check_restart(saved: ml_collections.ConfigDict, config: ml_collections.Confi
 
     Raises:
       ConfigError: the state's shapes differ (never restorable; the fields responsible are
-        named), the data iterator layout differs, or the training would change and
-        `allow_changes` is False.
+        named), or the training would change and `allow_changes` is False.
     """
     diffs = differences(saved, config)
     if not diffs:
         return []
     free = [d for d in diffs if _matches(d[0], FREE_FIELDS)]
-    layout = [d for d in diffs if _matches(d[0], ITERATOR_LAYOUT_FIELDS)]
-    training = [d for d in diffs if d not in free and d not in layout]
+    training = [d for d in diffs if d not in free]
     blocking: list[str] = []
     if training:
         problem = shape_change(saved, config, step)
         if problem:
             blocking.append(problem)
-    if layout:
-        blocking.append(
-            f"{'; '.join(format_difference(*d) for d in layout)}: the data iterator state in "
-            f"the checkpoint was saved with the old value and cannot be restored with the new one")
     if blocking:
         raise ConfigError(blocking + ["keep the run's values for these fields, or start a new "
                                       "run in another --workdir"],

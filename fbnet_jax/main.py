@@ -5,6 +5,8 @@
       Trains and evaluates; with no flags, the embedded synthetic experiment (configs/synthetic.py)
       in a new folder under runs/. A run restarted with the same --workdir continues from its
       latest checkpoint; SIGTERM or Ctrl-C saves a checkpoint and stops (Ctrl-C twice: at once).
+      On several hosts, start one process per host with --coordinator_address HOST:PORT
+      --num_processes N --process_id I (or under srun / on a Cloud TPU slice, with none of them).
   fbnet eval --workdir DIR [--split SPLIT] [--step N] [--config.FIELD=VALUE ...]
       Re-evaluates the latest (or given) checkpoint of a run with the config stored in it;
       --config.FIELD=VALUE changes evaluation settings (e.g. data.eval_batch_size).
@@ -73,6 +75,16 @@ _OPTION = flags.DEFINE_multi_string("option", [], "prepare: a dataset option KEY
                                     "(repeat the flag for several).")
 _STRICT = flags.DEFINE_bool("strict", False, "prepare: stop at the first record that cannot "
                             "be read, instead of skipping and counting it.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "train, eval: HOST:PORT of process 0 in a multi-process run "
+    "(several hosts); with --num_processes and --process_id. Without them, SLURM (srun) and "
+    "Cloud TPU launches are detected.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "train, eval: the number of processes of a multi-process run.",
+    lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "train, eval: this process's index, 0 .. num_processes - 1.",
+    lower_bound=0)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
 
 log = logging.getLogger("fbnet_jax.main")
@@ -162,6 +174,8 @@ def _parse(argv: list[str]) -> tuple[str, object]:
     """
     spec, argv = _option_value(argv, "config")
     command = _command(argv)
+    if command in ("train", "eval"):  # before anything (reading a checkpoint) uses a device
+        _start_processes()
     if command == "prepare":
         return command, _parse_prepare(spec, argv)
     if command in ("train", "relatedness"):
@@ -189,8 +203,9 @@ def _parse(argv: list[str]) -> tuple[str, object]:
 
 # The flags that belong to one command or a few (the others, such as --debug, to all).
 COMMAND_FLAGS = {
-    "train": ("workdir", "allow_config_change"),
-    "eval": ("workdir", "split", "step"),
+    "train": ("workdir", "allow_config_change", "coordinator_address", "num_processes",
+              "process_id"),
+    "eval": ("workdir", "split", "step", "coordinator_address", "num_processes", "process_id"),
     "relatedness": ("out", "min_count", "max_examples"),
     "prepare": ("dataset", "manual_dir", "data_dir", "option", "strict"),
 }
@@ -234,6 +249,24 @@ def _setup_logging() -> None:
 def _default_workdir(name: str) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{name}-{stamp}"
+
+
+def _start_processes() -> None:
+    """Joins a multi-process run (flags, or a detected launcher) before any device is used."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from fbnet_jax import parallel  # pylint: disable=g-import-not-at-top
+    try:
+        started = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                  _PROCESS_ID.value)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    except Exception as e:  # pylint: disable=broad-except  # jax raises runtime errors of XLA
+        raise UserError(f"could not start the multi-process runtime: {e}; see README.md "
+                        f"(launching on several hosts) for what to check") from e
+    if started:
+        log.info("%s", started)
+        if jax.process_index() != 0:  # process 0 reports; the others only warn
+            logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(command: str, config) -> int:
@@ -281,6 +314,13 @@ def run(argv: list[str] | None = None) -> None:
         if isinstance(e, KeyboardInterrupt):
             _fail("interrupted", EXIT_INTERRUPTED)
         _fail(str(e), EXIT_USAGE if isinstance(e, (UserError, DatasetError)) else EXIT_FAILED)
+    except Exception as e:  # pylint: disable=broad-except
+        # A grain worker that died (killed, crashed): one line naming its record, status 1.
+        # (Looked up, not imported: importing grain here would slow `fbnet --help`.)
+        workers = sys.modules.get("data_pipelines.workers")
+        if debug or workers is None or not isinstance(e, workers.WorkerDied):
+            raise
+        _fail(str(e), EXIT_FAILED)
     sys.exit(status)
 
 

@@ -9,8 +9,8 @@ subset gets no keys for that subset, so a missing key means "not measured", neve
 Conventions shared with scikit-learn (the tests compare against it): an F1 whose denominator
 2·TP + FP + FN is 0 is 0; macro F1 averages over all classes, present or not.
 
-`MeanScalars` accumulates per-step scalars (the loss terms) inside or outside `jax.jit` and turns
-them into means over a logging interval.
+`StepMeans` accumulates per-step scalars (the loss terms) with `clu.metrics.Average` inside or
+outside `jax.jit` and turns them into means over a logging interval.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
 
 from fbnet_jax import taxonomy
 
@@ -401,42 +402,71 @@ def metric_names(source_names: Sequence[str], aus: Sequence[int] = taxonomy.AUS,
 
 
 @flax.struct.dataclass
-class MeanScalars:
-    """Sums of per-step scalars and the number of steps summed, for means over a log interval.
+class StepMeans:
+    """Means of the train step's scalars over a logging interval, from `clu.metrics.Average`.
 
-    A pytree, so the train step can return `MeanScalars.from_step(terms)` from inside `jax.jit`;
-    the loop merges them (on device, no host sync per step) and calls `compute` when it logs:
+    The jitted step returns `StepMeans.from_step(values, keep)`; the loop merges them on the
+    device (no host transfer per step) and calls `compute` when it logs:
 
-      running = MeanScalars.empty()
+      running = StepMeans.empty()
       for batch in batches:
-        state, step_scalars = train_step(state, batch)
-        running = running.merge(step_scalars)
+        state, step_metrics = train_step(state, batch)
+        running = running.merge(step_metrics)
       log(running.compute())
+
+    A step whose update was skipped (`keep` False: a non-finite loss or gradient under
+    `train.nonfinite = "skip"`) counts in no mean, so one bad step does not turn the interval's
+    means into NaN. `skipped` counts those steps and `longest_skip_run` is the longest run of
+    consecutive skipped steps; `leading`/`trailing` (the skipped steps at either end) make
+    `merge` associative, so runs are counted across merges exactly.
     """
-    sums: dict[str, jax.Array]
-    count: jax.Array
+    means: dict[str, clu_metrics.Average]
+    steps: jax.Array
+    skipped: jax.Array
+    leading: jax.Array
+    trailing: jax.Array
+    longest_skip_run: jax.Array
 
     @classmethod
-    def empty(cls) -> MeanScalars:
-        return cls(sums={}, count=jnp.zeros((), jnp.int32))
+    def empty(cls) -> StepMeans:
+        zero = jnp.zeros((), jnp.int32)
+        return cls(means={}, steps=zero, skipped=zero, leading=zero, trailing=zero,
+                   longest_skip_run=zero)
 
     @classmethod
-    def from_step(cls, values: Mapping[str, jax.Array]) -> MeanScalars:
-        """One step's scalars (e.g. the loss terms of `losses.task_losses`)."""
-        return cls(sums={name: jnp.asarray(value, jnp.float32) for name, value in values.items()},
-                   count=jnp.ones((), jnp.int32))
+    def from_step(cls, values: Mapping[str, jax.Array], keep: jax.Array | bool = True) -> StepMeans:
+        """One step's scalars (e.g. the loss terms of `losses.task_losses`); `keep` False skips."""
+        keep = jnp.reshape(jnp.asarray(keep, bool), (1,))
+        skipped = jnp.logical_not(keep[0]).astype(jnp.int32)
+        return cls(means={name: clu_metrics.Average.from_model_output(
+            jnp.reshape(jnp.asarray(value, jnp.float32), (1,)), mask=keep)
+            for name, value in values.items()},
+            steps=jnp.ones((), jnp.int32), skipped=skipped, leading=skipped, trailing=skipped,
+            longest_skip_run=skipped)
 
-    def merge(self, other: MeanScalars) -> MeanScalars:
-        """Sum of both; the empty value is the identity. Otherwise the names must match."""
-        if not self.sums:
+    def merge(self, other: StepMeans) -> StepMeans:
+        """`self` followed by `other`; the empty value is the identity. Names must match."""
+        if not self.means:
             return other
-        if not other.sums:
+        if not other.means:
             return self
-        return jax.tree.map(jnp.add, self, other)
+        if self.means.keys() != other.means.keys():
+            raise ValueError(f"cannot merge step metrics {sorted(self.means)} with "
+                             f"{sorted(other.means)}")
+        self_all, other_all = self.skipped == self.steps, other.skipped == other.steps
+        return StepMeans(
+            means={name: mean.merge(other.means[name]) for name, mean in self.means.items()},
+            steps=self.steps + other.steps, skipped=self.skipped + other.skipped,
+            leading=jnp.where(self_all, self.steps + other.leading, self.leading),
+            trailing=jnp.where(other_all, other.steps + self.trailing, other.trailing),
+            longest_skip_run=jnp.maximum(jnp.maximum(self.longest_skip_run,
+                                                     other.longest_skip_run),
+                                         self.trailing + other.leading))
 
     def compute(self) -> dict[str, float]:
-        """Means as python floats (a host transfer); {} when nothing was merged."""
-        count = int(self.count)
-        if count == 0:
+        """Means as python floats (a host transfer); {} when nothing was merged. A name whose
+        steps were all skipped has no mean (NaN)."""
+        if not self.means:
             return {}
-        return {name: float(total) / count for name, total in self.sums.items()}
+        return {name: float(mean.total) / int(mean.count) if int(mean.count) else float("nan")
+                for name, mean in self.means.items()}

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -53,34 +54,114 @@ def coupling_for(config: ml_collections.ConfigDict) -> losses.Coupling | None:
                            stop_gradient=config.loss.distribution_matching.stop_gradient)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
-                    coupling: losses.Coupling | None = None):
-    """Returns the pure step `(state, batch) -> (state, metrics)`; jit it with shardings.
+# Model outputs the losses read (the features stay inside the step).
+LOSS_OUTPUTS = ("expression_logits", "au_logits", "va")
+NONFINITE_POLICIES = ("stop", "skip")
 
-    `coupling` holds the relatedness constants of the coupling losses (`coupling_for(config)`).
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
+                    coupling: losses.Coupling | None = None, *, axis_name: str | None = None,
+                    grad_accum_steps: int = 1, nonfinite: str = "stop"):
+    """Returns the pure step `(state, batch) -> (state, metrics.StepMeans)`.
+
+    Compile it with `parallel.StepRunner` (jit over the mesh, or pmap).
+
+    Args:
+      model: the FaceBehaviorNet; under pmap, built with `bn_axis_name=axis_name`.
+      tx: the optimizer.
+      loss_weights: `config.loss.weights`.
+      coupling: the relatedness constants of the coupling losses (`coupling_for(config)`).
+      axis_name: the pmap axis (None under jit): the losses psum their sums over it, gradients
+        are pmean-ed over it (see fbnet_jax/losses.py on why that is exact), and each device
+        draws its own dropout masks.
+      grad_accum_steps: K > 1 splits the batch into K microbatches (row j of every K on each
+        device) and computes the gradient of the loss of the whole batch in two passes: a
+        forward pass of each microbatch gives the outputs of the whole batch, the loss and its
+        gradient with respect to those outputs are computed at once (the losses are ratios of
+        batch sums and CCC moments, so averaging per-microbatch losses would not give the
+        batch's loss), then a forward and backward pass of each microbatch pulls that gradient
+        back to the parameters. Activations of one microbatch at a time are kept; the cost is
+        one extra forward pass. BatchNorm normalises each microbatch by its own statistics and
+        updates its running averages once per microbatch (K times per step).
+      nonfinite: "stop" applies every update (the loop stops the run when it sees a non-finite
+        loss); "skip" keeps the state as it was when the loss or the gradient norm is not
+        finite, and the step counts as skipped in the metrics.
     """
     weights = dict(loss_weights)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"unknown nonfinite policy {nonfinite!r}; known: {NONFINITE_POLICIES}")
+
+    def forward(params, batch_stats, images, rng):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True,
+            rngs={"dropout": rng}, mutable=["batch_stats"])
+        return {k: outputs[k] for k in LOSS_OUTPUTS}, updates.get("batch_stats", {})
+
+    def batch_loss(outputs, batch):
+        return losses.task_losses(outputs, batch, weights, axis_name=axis_name, coupling=coupling)
+
+    def whole_batch(state, batch, rng):
+        def loss_fn(params):
+            outputs, batch_stats = forward(params, state.batch_stats, batch["image"], rng)
+            total, terms = batch_loss(outputs, batch)
+            return total, (terms, batch_stats)
+        (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return terms, grads, batch_stats
+
+    def accumulated(state, batch, rng):
+        k = grad_accum_steps
+        micro = jax.tree.map(lambda x: _microbatches(x, k), batch)
+        rngs = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(k))
+        outputs = jax.lax.map(lambda xs: forward(state.params, state.batch_stats, *xs)[0],
+                              (micro["image"], rngs))
+        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  [K, b, ...] -> [K * b, ...]
+        (_, terms), output_grads = jax.value_and_grad(batch_loss, has_aux=True)(
+            jax.tree.map(flat, outputs), jax.tree.map(flat, micro))
+        output_grads = jax.tree.map(lambda g: g.reshape(k, -1, *g.shape[1:]), output_grads)
+
+        def pull_back(carry, xs):
+            grads, batch_stats = carry
+            images, rng_j, grads_j = xs
+            _, vjp, batch_stats = jax.vjp(lambda p: forward(p, batch_stats, images, rng_j),
+                                          state.params, has_aux=True)
+            return (jax.tree.map(jnp.add, grads, vjp(grads_j)[0]), batch_stats), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, batch_stats), _ = jax.lax.scan(
+            pull_back, (zeros, state.batch_stats), (micro["image"], rngs, output_grads))
+        return terms, grads, batch_stats
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            total, terms = losses.task_losses(outputs, batch, weights, coupling=coupling)
-            return total, (terms, updates.get("batch_stats", {}))
-
-        (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        run = accumulated if grad_accum_steps > 1 else whole_batch
+        terms, grads, batch_stats = run(state, batch, rng)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {f"loss/{name}": value for name, value in terms.items()}
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
-        return new_state, metrics
+        keep = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
+        if nonfinite == "skip":
+            new_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state,
+                                     state.replace(step=state.step + 1))
+        scalars = {f"loss/{name}": value for name, value in terms.items()}
+        scalars["grad_norm"] = grad_norm
+        return new_state, metrics_lib.StepMeans.from_step(scalars, keep)
 
     return train_step
+
+
+def _microbatches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [K, B / K, ...], microbatch j holding rows j, j + K, j + 2K, ...
+
+    Strided rather than contiguous, so that on a batch sharded over devices in contiguous
+    blocks each microbatch takes the same number of rows from every device (no data moves).
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
 
 def _format_duration(seconds: float) -> str:
@@ -128,6 +209,9 @@ class StopSignals:
     directory that orbax ignores, so the checkpoints before it stay intact. Further SIGTERMs are
     ignored, since launchers and schedulers may deliver one signal twice.
 
+    Every process of a multi-process run calls `requested()` at the same points, and it answers
+    for all of them: SIGTERM reaching one host stops every host after the same step.
+
     The handler itself logs nothing (a signal can arrive while the main thread is inside a
     logging call, and logging is not reentrant): `requested()`, called from the loop, announces
     the request; the second Ctrl-C writes its line with plain `os.write`.
@@ -154,6 +238,10 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def requested(self) -> bool:
+        """Whether the run should stop; in a multi-process run, whether any process was asked
+        to (a collective, so every process stops at the same step)."""
+        if parallel.any_process(self.reason is not None) and self.reason is None:
+            self.reason = "a stop on another process"
         if self.reason is not None and not self._announced:
             self._announced = True
             log.warning("%s received: saving a checkpoint and stopping%s", self.reason,
@@ -326,18 +414,26 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
             log.info("coupling losses on (%s), relatedness: %s", ", ".join(
                 f"{name} {config.loss.weights[name]:g}" for name in losses.COUPLING_TERMS
                 if config.loss.weights.get(name, 0.0)), config.loss.relatedness)
-        train_step = jax.jit(make_train_step(model, tx, config.loss.weights, coupling),
-                             donate_argnums=0,
-                             out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
-        data_iterator = pipeline.build_train_iterator(config)
+        mode = config.parallel.mode
+        axis_name = parallel.DATA_AXIS if mode == "pmap" else None
+        train_step = parallel.StepRunner(make_train_step(
+            model.clone(bn_axis_name=axis_name), tx, config.loss.weights, coupling,
+            axis_name=axis_name, grad_accum_steps=train_cfg.grad_accum_steps,
+            nonfinite=train_cfg.nonfinite), mode, mesh)
+        log.info("step: %s over %d device(s)%s%s", "jax.pmap" if mode == "pmap" else "jax.jit",
+                 jax.device_count(), f", {train_cfg.grad_accum_steps} microbatches per step"
+                 if train_cfg.grad_accum_steps > 1 else "",
+                 f", {config.model.dtype} backbone" if config.model.dtype != "float32" else "")
+        if latest is not None:
+            state, _ = checkpointing.restore(manager, checkpointing.abstract_like(state),
+                                             step=latest)
+            log.info("resumed from the checkpoint of step %d", latest)
+        elif is_main:
+            log.info("no checkpoint in %s: starting at step 0", workdir)
+        # The data order is a function of the step: the iterator starts at the step's batch.
+        data_iterator = pipeline.build_train_iterator(config, start_step=latest or 0)
         writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_main else None
         try:
-            if latest is not None:
-                state, _ = checkpointing.restore(manager, checkpointing.abstract_like(state),
-                                                 step=latest, data_iterator=data_iterator)
-                log.info("resumed from the checkpoint of step %d", latest)
-            elif is_main:
-                log.info("no checkpoint in %s: starting at step 0", workdir)
             if is_main:  # only now: a restart that failed has not replaced the run's config
                 (workdir / "config.json").write_text(config.to_json(indent=2))
             profiler = Profiler(workdir / PROFILE_DIR, config.train.get("profile_steps", 0))
@@ -392,6 +488,37 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
     return final
 
 
+def _check_nonfinite(interval: metrics_lib.StepMeans, policy: str, limit: int, first: int,
+                     last: int, run_before: int, last_checkpoint: int | None) -> int:
+    """Checks the steps first+1..last for a stop (`train.nonfinite`).
+
+    Under "stop" any non-finite step stops the run; under "skip", `limit` skipped steps in a row,
+    counting the `run_before` skipped steps that ended the previous interval.
+
+    Returns:
+      The skipped steps that end this interval (the next call's `run_before`).
+
+    Raises:
+      FloatingPointError: the run must stop.
+    """
+    skipped, steps = int(interval.skipped), int(interval.steps)
+    if not skipped:
+        return 0
+    advice = (f"the last good checkpoint (step {last_checkpoint}) is kept. Lower "
+              f"optimizer.learning_rate or check the data.")
+    if policy == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient in {skipped} of the steps {first + 1}-{last}; {advice}")
+    longest = max(int(interval.longest_skip_run), run_before + int(interval.leading))
+    if longest >= limit:
+        raise FloatingPointError(
+            f"{longest} steps in a row had a non-finite loss or gradient and were skipped "
+            f"(up to step {last}; train.nonfinite_max_in_a_row is {limit}); {advice}")
+    log.warning("skipped %d of the steps %d-%d: non-finite loss or gradient "
+                "(train.nonfinite = 'skip')", skipped, first + 1, last)
+    return run_before + steps if skipped == steps else int(interval.trailing)
+
+
 def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manager, data_iterator,
                 writer, stop: StopSignals, profiler: "Profiler"):
     """The loop of `train_and_evaluate`: final metrics, or a TrainingStopped to raise."""
@@ -399,34 +526,35 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     num_steps = train_cfg.num_steps
     batch_size = config.data.global_batch_size
     step = int(jax.device_get(state.step))
+    state = train_step.layout(state)  # the step's layout from here on (pmap: one copy per device)
+    nonfinite_limit = train_cfg.nonfinite_max_in_a_row
     stop_at = min(num_steps, step + train_cfg.stop_after_steps) if train_cfg.stop_after_steps \
         else num_steps
-    running = metrics_lib.MeanScalars.empty()  # step metrics since the last log, on device
+    running = metrics_lib.StepMeans.empty()  # step metrics since the last log, on device
     names = pipeline.source_names(config.data)
     seen = np.zeros(len(names), np.int64)  # this process's examples per source since the log
     predict_fn = evaluate.make_predict_fn(model)  # compiled once for every evaluation
     last_checkpoint = manager.latest_step()
     interval_start, interval_step = time.perf_counter(), step
+    flushed_step, skip_run = step, 0  # the last flush; skipped steps in a row up to it
     steps_per_second = 0.0
     best_metric_missing_warned = False
 
     def flush(step: int) -> dict[str, float]:
         """Checks and logs the metrics accumulated since the last flush."""
         nonlocal running, seen, interval_start, interval_step, steps_per_second
-        scalars = running.compute()
+        nonlocal flushed_step, skip_run
+        interval, running = running, metrics_lib.StepMeans.empty()
+        scalars = interval.compute()
         if not scalars:
             return {}
-        running = metrics_lib.MeanScalars.empty()
+        skip_run = _check_nonfinite(interval, train_cfg.nonfinite, nonfinite_limit, flushed_step,
+                                    step, skip_run, last_checkpoint)
+        flushed_step = step
         # The mixture as drawn: fraction of examples per source (compare with the weights).
         scalars.update({f"data/fraction/{name}": float(count) / max(seen.sum(), 1)
                         for name, count in zip(names, seen)})
         seen = np.zeros_like(seen)
-        bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
-        if bad:
-            raise FloatingPointError(
-                f"non-finite {', '.join(bad)} between steps {interval_step} and {step}; the last "
-                f"good checkpoint (step {last_checkpoint}) is kept. Lower "
-                f"optimizer.learning_rate or check the data.")
         now = time.perf_counter()
         if step > interval_step:  # else only the compilation step ran since the last flush
             steps_per_second = (step - interval_step) / max(now - interval_start, 1e-9)
@@ -434,6 +562,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         scalars["learning_rate"] = float(schedule(step))
         scalars["steps_per_second"] = steps_per_second
         scalars["examples_per_second"] = steps_per_second * batch_size
+        scalars["skipped_steps"] = float(interval.skipped)
         _write_scalars(writer, step, scalars)
         eta = (num_steps - step) / steps_per_second if steps_per_second else float("nan")
         log.info("step %*d/%d (%3.0f%%) | %.2f steps/s %.0f ex/s | ETA %s | loss %.4f | %s | lr %.2e",
@@ -450,7 +579,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         best = train_cfg.best_metric
         kept = {best: metrics[best]} if metrics and best and best in metrics else None
         try:
-            checkpointing.save(manager, step, state, config=config, data_iterator=data_iterator,
+            checkpointing.save(manager, step, train_step.global_state(state), config=config,
                                metrics=kept)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e}; the training diverged at or before step {step}. The "
@@ -463,12 +592,12 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     while step < stop_at and not stop.requested():
         local_batch = next(data_iterator)
         seen += pipeline.source_counts(local_batch, len(names))
-        batch = parallel.global_batch(local_batch, mesh)
+        batch = train_step.batch(local_batch)
         if first_step:  # compile ahead of the call, to report its time and memory
             compile_start = time.perf_counter()
-            train_step = train_step.lower(state, batch).compile()
+            compiled = train_step.compile(state, batch)
             log.info("train step compiled in %.1fs; %s", time.perf_counter() - compile_start,
-                     memory_line(train_step))
+                     memory_line(compiled))
         else:
             profiler.before_step(step)
         state, step_metrics = train_step(state, batch)
@@ -480,14 +609,15 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
                      time.perf_counter() - interval_start)
             first_step = False
             interval_start, interval_step = time.perf_counter(), step
-        running = running.merge(metrics_lib.MeanScalars.from_step(step_metrics))
+        running = running.merge(step_metrics)
         if step % train_cfg.log_every == 0:
             flush(step)
         eval_metrics = None
         if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < num_steps:
             flush(step)
             try:
-                eval_metrics = evaluate.evaluate(model, state, config, train_cfg.eval_split,
+                eval_metrics = evaluate.evaluate(model, train_step.global_state(state), config,
+                                                 train_cfg.eval_split,
                                                  mesh, predict_fn=predict_fn,
                                                  should_stop=stop.requested)
             except evaluate.Interrupted:
@@ -518,4 +648,5 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     if step < num_steps:
         manager.wait_until_finished()
         return TrainingStopped(step, num_steps, "train.stop_after_steps", workdir)
-    return _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fn)
+    return _final_evaluation(config, workdir, mesh, model, train_step.global_state(state), step,
+                             writer, stop, predict_fn)

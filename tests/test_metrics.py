@@ -1,4 +1,6 @@
-"""Metric maths against scikit-learn and direct formulas; evaluate_arrays; MeanScalars."""
+"""Metric maths against scikit-learn and direct formulas; evaluate_arrays; StepMeans."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -294,21 +296,44 @@ def test_confusion_matrices_per_subset():
     assert matrices["test/compound"].shape == (11, 11)
 
 
-def test_mean_scalars_accumulate_step_means_under_jit():
+def test_step_means_accumulate_under_jit_and_leave_skipped_steps_out():
     @jax.jit
-    def step(x):
-        return metrics.MeanScalars.from_step({"loss": x, "double": 2 * x})
+    def step(x, keep):
+        return metrics.StepMeans.from_step({"loss": x, "double": 2 * x}, keep)
 
     merge = jax.jit(lambda a, b: a.merge(b))
-    running = metrics.MeanScalars.empty()
+    running = metrics.StepMeans.empty()
     assert running.compute() == {}
-    for x in (1.0, 2.0, 6.0):
-        running = merge(running, step(jnp.float32(x)))
-    assert int(running.count) == 3
-    assert running.compute() == pytest.approx({"loss": 3.0, "double": 6.0})
-    assert running.merge(metrics.MeanScalars.empty()) is running
-    with pytest.raises(ValueError):
-        running.merge(metrics.MeanScalars.from_step({"other": 1.0}))
+    # keep flags: steps 1, 2 and 4, 5, 6 are skipped (their values are NaN and must not count).
+    values = [1.0, np.nan, np.nan, 2.0, np.nan, np.nan, np.nan, 6.0]
+    keeps = [True, False, False, True, False, False, False, True]
+    for x, keep in zip(values, keeps):
+        running = merge(running, step(jnp.float32(x), keep))
+    assert int(running.steps) == 8 and int(running.skipped) == 5
+    assert int(running.longest_skip_run) == 3
+    assert running.compute() == {"loss": 3.0, "double": 6.0}
+    assert running.merge(metrics.StepMeans.empty()) is running
+    with pytest.raises(ValueError, match="cannot merge"):
+        running.merge(metrics.StepMeans.from_step({"other": 1.0}))
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 6])
+def test_step_means_count_runs_of_skipped_steps_across_any_grouping(split):
+    keeps = [True, False, False, True, False, False, False, True, False]
+    parts = [metrics.StepMeans.from_step({"loss": 1.0}, k) for k in keeps]
+
+    def merged(items):
+        out = metrics.StepMeans.empty()
+        for item in items:
+            out = out.merge(item)
+        return out
+
+    left, right = merged(parts[:split]), merged(parts[split:])
+    whole = left.merge(right)
+    assert (int(whole.longest_skip_run), int(whole.leading), int(whole.trailing)) == (3, 0, 1)
+    assert int(whole.skipped) == 6 and whole.compute() == {"loss": 1.0}
+    all_skipped = metrics.StepMeans.from_step({"loss": np.nan}, False)
+    assert math.isnan(all_skipped.compute()["loss"])
 
 
 def test_tuned_au_metrics_apply_validation_thresholds_to_the_test_set():

@@ -31,18 +31,21 @@ class SmallCNN(nn.Module):
       features: size of the dense feature layer (D).
       dropout: dropout rate on the features during training.
       dtype: computation dtype (parameters stay float32).
+      bn_axis_name: under `jax.pmap`, the axis BatchNorm averages its batch statistics over.
     """
     widths: Sequence[int] = (16, 32, 64, 128)
     features: int = 256
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)
         for width in self.widths:
             x = nn.Conv(width, (3, 3), use_bias=False, dtype=self.dtype)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)(x)
             x = _pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype)(x))
@@ -96,6 +99,7 @@ class _Bottleneck(nn.Module):
     strides: int
     downsample: bool
     dtype: Any
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -107,7 +111,7 @@ class _Bottleneck(nn.Module):
         def bn(name):
             # torch momentum 0.1 weighs the new batch; flax's 0.9 weighs the running average.
             return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                dtype=self.dtype, name=name)
+                                dtype=self.dtype, axis_name=self.bn_axis_name, name=name)
 
         residual = x
         y = nn.relu(bn("bn1")(conv(self.width, 1, 1, 0, "conv1")(x)))
@@ -130,9 +134,11 @@ class ResNet50(nn.Module):
     Attributes:
       dropout: dropout rate on the pooled features during training.
       dtype: computation dtype (parameters stay float32).
+      bn_axis_name: under `jax.pmap`, the axis BatchNorm averages its batch statistics over.
     """
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -140,7 +146,7 @@ class ResNet50(nn.Module):
         x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                     kernel_init=_kaiming, dtype=self.dtype, name="conv1")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, name="bn1")(x)
+                         dtype=self.dtype, axis_name=self.bn_axis_name, name="bn1")(x)
         x = nn.max_pool(nn.relu(x), window_shape=(3, 3), strides=(2, 2),
                         padding=((1, 1), (1, 1)))
         for layer, (blocks, width) in enumerate(RESNET50_STAGES, start=1):
@@ -148,6 +154,7 @@ class ResNet50(nn.Module):
                 # layer1 keeps the pooled resolution; the others halve it in their first block.
                 strides = 2 if layer > 1 and block == 0 else 1
                 x = _Bottleneck(width, strides, downsample=block == 0, dtype=self.dtype,
+                                bn_axis_name=self.bn_axis_name,
                                 name=f"layer{layer}_{block}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -12,6 +12,7 @@ from fbnet_jax.models import backbones
 
 BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace,
              "resnet50": backbones.ResNet50}
+BATCH_NORM_BACKBONES = ("small_cnn", "resnet50")
 # Computation dtypes of the backbone (parameters and heads stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -29,18 +30,24 @@ class FaceBehaviorNet(nn.Module):
       num_expressions: size of the expression head.
       num_aus: size of the AU head.
       dtype: computation dtype of the backbone.
+      bn_axis_name: under `jax.pmap`, the axis over which BatchNorm averages batch statistics
+        (so every device normalises with the statistics of the whole batch, as under jit).
+        None otherwise; the backbones without BatchNorm ignore it.
     """
     backbone: str = "small_cnn"
     backbone_kwargs: Mapping[str, Any] | None = None
     num_expressions: int = 7
     num_aus: int = 17
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, image, *, train: bool = False):
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
         kwargs = dict(self.backbone_kwargs or {})
+        if self.bn_axis_name is not None and self.backbone in BATCH_NORM_BACKBONES:
+            kwargs["bn_axis_name"] = self.bn_axis_name
         features = BACKBONES[self.backbone](dtype=self.dtype, name="backbone", **kwargs)(
             image, train=train)
         features = features.astype(jnp.float32)
