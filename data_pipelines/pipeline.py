@@ -349,8 +349,9 @@ def shuffle_seed(seed: int, source_name: str) -> int:
 
 def _augment_seed(seed: int) -> int:
     # random_map seeds each element from (this seed, its index in the global stream), so every
-    # example's jitter is the same whichever process reads it.
-    return int(np.random.SeedSequence([seed, 0xA06]).generate_state(1)[0])
+    # example's jitter is the same whichever process reads it. (The 0 keeps the seed that
+    # single-process runs had when each process drew its own.)
+    return int(np.random.SeedSequence([seed, 0, 0xA06]).generate_state(1)[0])
 
 
 class _ProcessRows(grain.MapDataset):
