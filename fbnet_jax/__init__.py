@@ -1,0 +1,16 @@
+"""FaceBehaviorNet in JAX. `fbnet_jax.Predictor` runs a trained network (fbnet_jax/predict.py)."""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("fbnet_jax")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "unknown"
+
+
+def __getattr__(name):
+    # Imported on first use, so that `import fbnet_jax` (and `fbnet --help`) stays light.
+    if name == "Predictor":
+        from fbnet_jax.predict import Predictor  # pylint: disable=g-import-not-at-top
+        return Predictor
+    raise AttributeError(f"module 'fbnet_jax' has no attribute {name!r}")
