@@ -119,6 +119,11 @@ def get_config(arg: str = ""):
         backbone="small_cnn",   # small_cnn | vgg_face | resnet50
         num_expressions=len(taxonomy.EXPRESSIONS),  # size of the expression head
         dtype="float32",        # backbone computation dtype (bfloat16 on accelerators)
+        init_from="",           # pretrained backbone weights for a fresh run (heads start fresh;
+                                # a restart restores its checkpoint instead): a file written by
+                                # `fbnet convert-weights`, or a PyTorch vgg_face_torch,
+                                # torchvision_vgg16 or torchvision_resnet50 state_dict
+                                # (fbnet_jax/models/weights.py); "" = random init
         backbones=ConfigDict(dict(   # settings of each backbone; only the chosen one is used
             small_cnn=ConfigDict(dict(
                 widths=(8, 16) if tiny else (16, 32, 64, 128),  # channels per conv stage

@@ -202,9 +202,31 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return config_from_json(values)
 
 
+# Config fields added after runs could be saved, with the value that runs saved without them
+# behaved as: a stored config is completed with them, so an older run can still be evaluated,
+# restarted and compared with today's configs.
+ADDED_FIELDS = {
+    "model.init_from": "",
+    "parallel.mode": "jit",
+    "train.grad_accum_steps": 1,
+    "train.nonfinite": "stop",
+    "train.nonfinite_max_in_a_row": 10,
+}
+
+
+def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
+    for path, value in ADDED_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = values
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(leaf, value)
+    return values
+
+
 def config_from_json(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A locked ConfigDict from a config's JSON values."""
-    config = ml_collections.ConfigDict(_lists_to_tuples(dict(values)))
+    """A locked ConfigDict from a config's JSON values (completed with `ADDED_FIELDS`)."""
+    config = ml_collections.ConfigDict(_with_added_fields(_lists_to_tuples(dict(values))))
     config.lock()
     return config
 

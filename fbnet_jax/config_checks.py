@@ -39,6 +39,7 @@ FREE_FIELDS = (
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_steps",
     "train.profile_steps", "train.nonfinite",
     "train.nonfinite_max_in_a_row", "parallel.mode",
+    "model.init_from",  # read by a fresh run only; a restart restores its checkpoint
     "train.max_checkpoints_to_keep", "train.best_metric", "train.best_mode",
     "train.eval_split", "train.test_split", "train.tune_au_thresholds",
 )
@@ -183,6 +184,11 @@ def _check_model(config, problems):
         problems.append(f"model.num_expressions: must be {len(taxonomy.EXPRESSIONS)} (the "
                         f"expressions {', '.join(taxonomy.EXPRESSIONS)}), got "
                         f"{model.num_expressions!r}")
+    if model.init_from:
+        from fbnet_jax.models import weights  # pylint: disable=g-import-not-at-top
+        problem = weights.init_from_problem(model.init_from, model.backbone)
+        if problem:
+            problems.append(f"model.init_from: {problem}")
 
 
 def _check_model_builds(config, problems):

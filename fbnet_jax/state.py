@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from fbnet_jax import models, parallel
+from fbnet_jax.models import weights
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")  # after a linear warm-up from 0
@@ -54,14 +55,23 @@ def create_optimizer(opt_config: ml_collections.ConfigDict,
 
 
 def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-               image_size: int) -> TrainState:
-    """A fresh state: parameters and BatchNorm statistics from `model.init` on a dummy image."""
+               image_size: int, backbone: Any = None) -> TrainState:
+    """A fresh state: parameters and BatchNorm statistics from `model.init` on a dummy image.
+
+    Args:
+      backbone: if given, {"params", "batch_stats"} that replace the backbone's (pretrained
+        weights, `models.weights.load_init_from`); the heads keep their fresh values.
+    """
     init_rng, train_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=train_rng)
+    batch_stats = variables.get("batch_stats", {})
+    if backbone is not None:
+        params = {**params, "backbone": backbone["params"]}
+        if backbone["batch_stats"]:
+            batch_stats = {**batch_stats, "backbone": backbone["batch_stats"]}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=train_rng)
 
 
 def model_for(config: ml_collections.ConfigDict):
@@ -69,8 +79,17 @@ def model_for(config: ml_collections.ConfigDict):
     return models.create_model(config.model, num_aus=len(config.data.aus))
 
 
-def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False):
+def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False,
+                 init_from: bool = True):
     """The initial train state placed replicated on the mesh (or only its shapes).
+
+    Args:
+      config: the experiment config.
+      mesh: the device mesh.
+      abstract: only shapes (a restore target); nothing is computed or read.
+      init_from: load `config.model.init_from` (if set) into the backbone. Pass False when a
+        checkpoint will replace the state anyway (a restart), so the file is not read (nor
+        needed) again.
 
     Returns:
       (model, tx, schedule, state) where state is a TrainState of arrays, or of
@@ -78,10 +97,20 @@ def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = Fa
     """
     model = model_for(config)
     tx, schedule = create_optimizer(config.optimizer, config.train.num_steps)
-    init = jax.jit(lambda rng: init_state(model, tx, rng, config.data.image_size),
+    init = jax.jit(lambda rng, backbone: init_state(model, tx, rng, config.data.image_size,
+                                                    backbone),
                    out_shardings=parallel.replicated(mesh))
     rng = jax.random.PRNGKey(config.seed)
-    state = jax.eval_shape(init, rng) if abstract else init(rng)
+    if abstract:
+        state = jax.eval_shape(init, rng, None)
+    else:
+        pretrained = None
+        if init_from and config.model.init_from:
+            pretrained = weights.load_init_from(config.model.init_from, model,
+                                                config.data.image_size, config.model.backbone)
+            # Placed before the jit so every process passes the same replicated global arrays.
+            pretrained = jax.device_put(pretrained, parallel.replicated(mesh))
+        state = init(rng, pretrained)
     if abstract:
         state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
             s.shape, s.dtype, sharding=parallel.replicated(mesh)), state)

@@ -396,7 +396,8 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
     mesh = parallel.create_mesh()
     log.info("devices: %d x %s over %d process(es)", jax.device_count(),
              jax.devices()[0].device_kind, jax.process_count())
-    model, tx, schedule, state = create_state(config, mesh)
+    # Pretrained weights (model.init_from) start a fresh run; a restart restores its checkpoint.
+    model, tx, schedule, state = create_state(config, mesh, init_from=latest is None)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s, %.2fM parameters", config.model.backbone, num_params / 1e6)
     if is_main:
