@@ -22,6 +22,19 @@
       writes them with their labels as TFDS array_record under --data_dir; a config reads the
       copy with --config.data.sources.SOURCE.prepared=DATA_DIR. A second run writes nothing.
       Ends with the records written per split and those skipped per reason.
+  fbnet export (--workdir DIR [--step N] | --checkpoint DIR/checkpoints/N)
+               --format onnx|stablehlo|savedmodel|safetensors --out PATH
+      Writes the network for inference (BatchNorm statistics, no dropout, any batch size) with
+      what a consumer needs (labels, AU list, preprocessing, config), then checks the exported
+      model against the JAX one on synthetic faces.
+  fbnet predict --workdir DIR [--step N] --out preds.csv|preds.jsonl [--no-detect]
+                [--stride N] [--batch_size N] IMAGES_FOLDERS_OR_VIDEOS...
+      Finds every face (OpenCV's Haar cascade; --no-detect for face crops), and writes one row
+      per face: expression probabilities, AU probabilities, valence and arousal.
+  fbnet convert-weights --from FILE.pth --out FILE.npz [--layout L] [--backbone B]
+                        [--fc6_adaptive_pool]
+      Converts PyTorch weights (the VGG-Face port, torchvision VGG16 or ResNet-50) into a
+      backbone's variables, for --config.model.init_from=FILE.npz.
 
 FILE is a path or the name of a shipped config (`synthetic`). Add --debug (or set FBNET_DEBUG=1)
 to see the traceback of an error. Exit status: 0 done; 1 failed (e.g. the training diverged);
@@ -46,7 +59,9 @@ from data_pipelines.sources.base import DatasetError
 from fbnet_jax import config_files, logs
 from fbnet_jax.errors import UserError
 
-COMMANDS = ("train", "eval", "relatedness", "prepare")
+COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights")
+# Commands that take no config: their flags say what to do.
+PLAIN_COMMANDS = ("prepare", "export", "predict", "convert-weights")
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
@@ -54,11 +69,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Work directory of the run (train: default runs/<name>-<time>).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the config's "
                              "train.test_split).")
-_STEP = flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "eval, export, predict: the checkpoint step "
+                             "(default: the latest).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "train: continue a run although its config changed in fields "
     "that change the training (learning rate, steps, data, ...).")
-_OUT = flags.DEFINE_string("out", None, "relatedness: the JSON table file to write.")
+_OUT = flags.DEFINE_string("out", None, "relatedness: the JSON table file to write; export: "
+                           "the exported file; predict: preds.csv or preds.jsonl; "
+                           "convert-weights: the converted .npz or .safetensors file.")
 _MIN_COUNT = flags.DEFINE_integer(
     "min_count", 20, "relatedness: entries with fewer labelled examples stay unestimated.",
     lower_bound=1)
@@ -85,6 +103,24 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "train, eval: this process's index, 0 .. num_processes - 1.",
     lower_bound=0)
+_FORMAT = flags.DEFINE_string("format", None, "export: onnx, stablehlo, savedmodel or "
+                              "safetensors.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: a checkpoint directory on its own "
+                                  "(<workdir>/checkpoints/<step>), instead of --workdir.")
+_DETECT = flags.DEFINE_bool("detect", True, "predict: find the faces in each image (OpenCV's "
+                            "Haar cascade); --no-detect for images that are face crops already.")
+_STRIDE = flags.DEFINE_integer("stride", 1, "predict: every N-th frame of a video.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "predict: faces per inference batch.",
+                                   lower_bound=1)
+_FROM = flags.DEFINE_string("from", None, "convert-weights: a PyTorch state dict (.pth/.pt) or "
+                            "an .npz/.safetensors of one.")
+_LAYOUT = flags.DEFINE_string("layout", None, "convert-weights: vgg_face_torch, "
+                              "torchvision_vgg16 or torchvision_resnet50 (default: from the keys).")
+_BACKBONE = flags.DEFINE_string("backbone", None, "convert-weights: the backbone the weights are "
+                                "for (default: from the layout).")
+_FC6_ADAPTIVE_POOL = flags.DEFINE_bool(
+    "fc6_adaptive_pool", False, "convert-weights: let VGG-Face's fc6 (trained on a 7x7 grid, "
+    "224 px) be used at other image sizes, averaging the feature map to 7x7 (an approximation).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
 
 log = logging.getLogger("fbnet_jax.main")
@@ -159,9 +195,16 @@ def _command(argv: list[str]) -> str:
     if not words or words[0] not in COMMANDS:
         got = f" (got {words[0]!r})" if words else ""
         raise UserError(f"usage: fbnet {{{'|'.join(COMMANDS)}}} [flags]{got}; see fbnet --help")
-    if len(words) > 1:
+    if len(words) > 1 and words[0] != "predict":  # predict's words are its inputs
         raise UserError(f"unexpected argument {words[1]!r} (flags are written --name=value)")
     return words[0]
+
+
+def _inputs(argv: list[str]) -> list[str]:
+    """fbnet predict's inputs: the words after the command word that are not flags."""
+    rest = flags.FLAGS(argv, known_only=True)[1:]
+    words = [a for a in rest if not a.startswith("-")]
+    return words[1:]
 
 
 def _parse(argv: list[str]) -> tuple[str, object]:
@@ -173,11 +216,13 @@ def _parse(argv: list[str]) -> tuple[str, object]:
     In all, `--config.FIELD=VALUE` overrides are checked against that config.
     """
     spec, argv = _option_value(argv, "config")
+    # absl spells a false boolean --nodetect; the documented spelling is --no-detect.
+    argv = ["--nodetect" if a in ("--no-detect", "--no_detect") else a for a in argv]
     command = _command(argv)
     if command in ("train", "eval"):  # before anything (reading a checkpoint) uses a device
         _start_processes()
-    if command == "prepare":
-        return command, _parse_prepare(spec, argv)
+    if command in PLAIN_COMMANDS:
+        return command, _parse_plain(command, spec, argv)
     if command in ("train", "relatedness"):
         config = config_files.load(spec or config_files.DEFAULT)
     else:
@@ -208,6 +253,16 @@ COMMAND_FLAGS = {
     "eval": ("workdir", "split", "step", "coordinator_address", "num_processes", "process_id"),
     "relatedness": ("out", "min_count", "max_examples"),
     "prepare": ("dataset", "manual_dir", "data_dir", "option", "strict"),
+    "export": ("workdir", "step", "checkpoint", "format", "out"),
+    "predict": ("workdir", "step", "out", "detect", "stride", "batch_size"),
+    "convert-weights": ("from", "out", "layout", "backbone", "fc6_adaptive_pool"),
+}
+# What each command without a config cannot do without.
+REQUIRED_FLAGS = {
+    "prepare": ("dataset", "manual_dir", "data_dir"),
+    "export": ("format", "out"),
+    "predict": ("workdir", "out"),
+    "convert-weights": ("from", "out"),
 }
 
 
@@ -219,21 +274,34 @@ def _refuse_other_commands_flags(command: str) -> None:
         raise UserError(f"{' and '.join(given)}: not a flag of fbnet {command}")
 
 
-def _parse_prepare(spec: str | None, argv: list[str]) -> None:
-    """`fbnet prepare` takes no config: its flags say what to prepare."""
+def _parse_plain(command: str, spec: str | None, argv: list[str]) -> list[str] | None:
+    """The commands without a config: their flags say what to do.
+
+    Returns:
+      fbnet predict's inputs; None for the others.
+    """
     if spec is not None or any(a.startswith(("--config.", "-config.")) for a in argv):
-        raise UserError("fbnet prepare takes no --config; it is given --dataset, --manual_dir, "
-                        "--data_dir and --option KEY=VALUE")
+        raise UserError(f"fbnet {command} takes no --config; its flags are "
+                        f"{', '.join('--' + n for n in COMMAND_FLAGS[command])}")
+    inputs = _inputs(argv) if command == "predict" else None
     # `_command` parsed the known flags already; a multi flag would collect its values twice.
     flags.FLAGS["option"].unparse()
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
         raise UserError(str(e)) from e
-    missing = [f"--{n}" for n in ("dataset", "manual_dir", "data_dir") if not flags.FLAGS[n].value]
+    missing = [f"--{n}" for n in REQUIRED_FLAGS[command] if not flags.FLAGS[n].value]
+    if command == "export" and not (_WORKDIR.value or _CHECKPOINT.value):
+        missing.insert(0, "--workdir (or --checkpoint)")
     if missing:
-        raise UserError(f"fbnet prepare needs {', '.join(missing)}")
-    _refuse_other_commands_flags("prepare")
+        raise UserError(f"fbnet {command} needs {', '.join(missing)}")
+    if command == "export" and _WORKDIR.value and _CHECKPOINT.value:
+        raise UserError("fbnet export takes --workdir (with --step) or --checkpoint, not both")
+    if command == "predict" and not inputs:
+        raise UserError("fbnet predict needs images, folders or videos to predict on: "
+                        "fbnet predict --workdir DIR --out preds.csv PATH...")
+    _refuse_other_commands_flags(command)
+    return inputs
 
 
 def _setup_logging() -> None:
@@ -270,12 +338,24 @@ def _start_processes() -> None:
 
 
 def main(command: str, config) -> int:
-    """Runs a parsed command with its config; returns the exit status."""
+    """Runs a parsed command with its config (predict: its inputs); returns the exit status."""
     # Imported after flag parsing so that `fbnet --help` stays fast.
     if command == "prepare":
         from data_pipelines.tfds_builders import prepare  # pylint: disable=g-import-not-at-top
         return prepare.run_command(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                                    list(_OPTION.value), _STRICT.value)
+    if command == "export":
+        from fbnet_jax import export  # pylint: disable=g-import-not-at-top
+        return export.run_command(_WORKDIR.value, _CHECKPOINT.value, _STEP.value, _FORMAT.value,
+                                  _OUT.value)
+    if command == "predict":
+        from fbnet_jax import predict  # pylint: disable=g-import-not-at-top
+        return predict.run_command(_WORKDIR.value, _STEP.value, config, _OUT.value,
+                                   _DETECT.value, _STRIDE.value, _BATCH_SIZE.value)
+    if command == "convert-weights":
+        from fbnet_jax.models import weights  # pylint: disable=g-import-not-at-top
+        return weights.run_command(flags.FLAGS["from"].value, _OUT.value, _LAYOUT.value,
+                                   _BACKBONE.value, fc6_adaptive_pool=_FC6_ADAPTIVE_POOL.value)
     if command == "relatedness":
         from fbnet_jax import relatedness  # pylint: disable=g-import-not-at-top
         relatedness.run_command(config, _OUT.value, min_count=_MIN_COUNT.value,

@@ -39,6 +39,22 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     again = json.loads((workdir / "eval" / "test_step3.json").read_text())
     assert again["test/expression_accuracy"] == results["test/expression_accuracy"]
 
+    # The trained network leaves the run: exported, and predicting on files.
+    process = _fbnet("export", "--workdir", str(workdir), "--format", "stablehlo", "--out",
+                     str(tmp_path / "model.stablehlo"))
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert "parity with the JAX model on synthetic faces" in out
+    assert (tmp_path / "model.stablehlo").stat().st_size > 0
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.new("RGB", (40, 40), (120, 90, 60)).save(tmp_path / "face.png")
+    process = _fbnet("predict", "--workdir", str(workdir), "--out", str(tmp_path / "p.jsonl"),
+                     "--no-detect", str(tmp_path / "face.png"))
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    [row] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert (row["file"], row["face"], row["status"]) == (str(tmp_path / "face.png"), 0, "ok")
+
 
 def _until(process, text, lines, timeout=240):
     """Reads the process's output into `lines` until a line contains `text`."""
@@ -133,9 +149,31 @@ USER_ERRORS = [
     (["train", "--config.train.num_steps=abc"],
      "flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["train", "--config", "synthetic:tiny", "--step", "3"], "--step: not a flag of fbnet train"),
-    (["fit"], "usage: fbnet {train|eval|relatedness|prepare} [flags] (got 'fit'); see fbnet "
-              "--help"),
-    ([], "usage: fbnet {train|eval|relatedness|prepare} [flags]; see fbnet --help"),
+    (["fit"], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights} "
+              "[flags] (got 'fit'); see fbnet --help"),
+    ([], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights} [flags]; "
+         "see fbnet --help"),
+    (["export", "--format", "onnx", "--out", "m.onnx"],
+     "fbnet export needs --workdir (or --checkpoint)"),
+    (["export", "--workdir", "WORKDIR", "--checkpoint", "WORKDIR", "--format", "onnx", "--out",
+      "m.onnx"], "fbnet export takes --workdir (with --step) or --checkpoint, not both"),
+    (["export", "--workdir", "WORKDIR", "--config", "synthetic", "--format", "onnx"],
+     "fbnet export takes no --config; its flags are --workdir, --step, --checkpoint, --format, "
+     "--out"),
+    (["predict", "--workdir", "WORKDIR", "--out", "p.csv"],
+     "fbnet predict needs images, folders or videos to predict on: fbnet predict --workdir DIR "
+     "--out preds.csv PATH..."),
+    (["predict", "--workdir", "WORKDIR", "--out", "p.csv", "--split", "test", "a.jpg"],
+     "--split: not a flag of fbnet predict"),
+    (["convert-weights", "--out", "w.npz"], "fbnet convert-weights needs --from"),
+    (["train", "--out", "x"], "--out: not a flag of fbnet train"),
+    (["relatedness", "--out", "t.json", "--process_id", "0"],
+     "--process_id: not a flag of fbnet relatedness"),
+    (["train", "--config", "synthetic:tiny", "--process_id", "1"],
+     "--coordinator_address, --num_processes missing: a multi-process run needs "
+     "--coordinator_address, --num_processes and --process_id"),
+    (["train", "--config", "synthetic:tiny", "--coordinator_address", "h:1", "--num_processes",
+      "2", "--process_id", "2"], "--process_id 2 is not in 0..1 (--num_processes 2)"),
     (["eval"], "fbnet eval needs --workdir (the folder of a training run)"),
     (["eval", "--workdir", "/nonexistent/run"], "--workdir /nonexistent/run: no such directory"),
     (["prepare", "--dataset", "rafdb", "--data_dir", "WORKDIR"],
