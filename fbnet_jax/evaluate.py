@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, metrics, parallel
+from fbnet_jax import checkpointing, config_checks, metrics, parallel, report
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import ConfigError, UserError
 
@@ -77,7 +77,8 @@ def predict(model, state, config, split: str, mesh, *, predict_fn=None,
 
 
 def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | None = None,
-             predict_fn=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+             predict_fn=None, should_stop: Callable[[], bool] | None = None,
+             return_arrays: bool = False):
     """Metrics of `state` on every example of `split` of every configured source.
 
     Args:
@@ -87,10 +88,13 @@ def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | N
         split (e.g. "validation"), under `{split}/au_tuned_*` and `{split}/au_threshold/*`.
       predict_fn: a `make_predict_fn(model)` to reuse (saves a compilation).
       should_stop: see `predict`.
+      return_arrays: also return the split's (outputs, labels) as `predict` gives them (for the
+        report's plots).
 
     Returns:
       A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
-      each source (keys as in fbnet_jax.metrics.evaluate_arrays).
+      each source (keys as in fbnet_jax.metrics.evaluate_arrays); with `return_arrays`, the
+      pair (that dict, (outputs, labels)).
     """
     predict_fn = predict_fn or make_predict_fn(model)
     outputs, labels = predict(model, state, config, split, mesh, predict_fn=predict_fn,
@@ -102,7 +106,7 @@ def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | N
                                             predict_fn=predict_fn, should_stop=should_stop)
         results.update(metrics.tuned_au_metrics(tune_outputs, tune_labels, outputs, labels,
                                                 aus=config.data.aus, prefix=split))
-    return results
+    return (results, (outputs, labels)) if return_arrays else results
 
 
 def _rows(results: dict[str, float], split: str) -> list[tuple[str, str]]:
@@ -222,7 +226,8 @@ def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | 
         state, step = checkpointing.restore(manager, abstract, step=step)
     finally:
         manager.close()
-    results = evaluate(model, state, config, split, mesh, threshold_split=threshold_split)
+    results, (outputs, labels) = evaluate(model, state, config, split, mesh,
+                                          threshold_split=threshold_split, return_arrays=True)
     results["step"] = float(step)
     if jax.process_index() == 0:
         out = workdir / "eval" / f"{split}_step{step}.json"
@@ -231,4 +236,8 @@ def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | 
         log.info("checkpoint of step %d on %r:\n%s", step, split,
                  format_report(results, split, threshold_split))
         log.info("metrics written to %s", out.absolute())
+        written = report.report_for_evaluation(results, split, out.with_suffix(""), outputs,
+                                               labels, workdir)
+        if written:
+            log.info("report with plots: %s", written[1].absolute())
     return results

@@ -31,6 +31,8 @@
                 [--stride N] [--batch_size N] IMAGES_FOLDERS_OR_VIDEOS...
       Finds every face (OpenCV's Haar cascade; --no-detect for face crops), and writes one row
       per face: expression probabilities, AU probabilities, valence and arousal.
+  fbnet compare RUN_DIR RUN_DIR... [--split SPLIT] [--per_source] [--out compare.md]
+      The metrics of several runs side by side (best marked, differences to the first run).
   fbnet convert-weights --from FILE.pth --out FILE.npz [--layout L] [--backbone B]
                         [--fc6_adaptive_pool]
       Converts PyTorch weights (the VGG-Face port, torchvision VGG16 or ResNet-50) into a
@@ -59,16 +61,19 @@ from data_pipelines.sources.base import DatasetError
 from fbnet_jax import config_files, logs
 from fbnet_jax.errors import UserError
 
-COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights")
+COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights",
+            "compare")
 # Commands that take no config: their flags say what to do.
-PLAIN_COMMANDS = ("prepare", "export", "predict", "convert-weights")
+PLAIN_COMMANDS = ("prepare", "export", "predict", "convert-weights", "compare")
+# Commands whose words after the command are inputs (files, folders, runs).
+INPUT_COMMANDS = ("predict", "compare")
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Work directory of the run (train: default runs/<name>-<time>).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the config's "
-                             "train.test_split).")
+                             "train.test_split); compare: the split to compare.")
 _STEP = flags.DEFINE_integer("step", None, "eval, export, predict: the checkpoint step "
                              "(default: the latest).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -118,6 +123,8 @@ _LAYOUT = flags.DEFINE_string("layout", None, "convert-weights: vgg_face_torch, 
                               "torchvision_vgg16 or torchvision_resnet50 (default: from the keys).")
 _BACKBONE = flags.DEFINE_string("backbone", None, "convert-weights: the backbone the weights are "
                                 "for (default: from the layout).")
+_PER_SOURCE = flags.DEFINE_bool("per_source", False, "compare: also each source's metrics, not "
+                                 "only the whole split's.")
 _FC6_ADAPTIVE_POOL = flags.DEFINE_bool(
     "fc6_adaptive_pool", False, "convert-weights: let VGG-Face's fc6 (trained on a 7x7 grid, "
     "224 px) be used at other image sizes, averaging the feature map to 7x7 (an approximation).")
@@ -195,13 +202,13 @@ def _command(argv: list[str]) -> str:
     if not words or words[0] not in COMMANDS:
         got = f" (got {words[0]!r})" if words else ""
         raise UserError(f"usage: fbnet {{{'|'.join(COMMANDS)}}} [flags]{got}; see fbnet --help")
-    if len(words) > 1 and words[0] != "predict":  # predict's words are its inputs
+    if len(words) > 1 and words[0] not in INPUT_COMMANDS:
         raise UserError(f"unexpected argument {words[1]!r} (flags are written --name=value)")
     return words[0]
 
 
 def _inputs(argv: list[str]) -> list[str]:
-    """fbnet predict's inputs: the words after the command word that are not flags."""
+    """The inputs of predict and compare: the words after the command that are not flags."""
     rest = flags.FLAGS(argv, known_only=True)[1:]
     words = [a for a in rest if not a.startswith("-")]
     return words[1:]
@@ -256,6 +263,7 @@ COMMAND_FLAGS = {
     "export": ("workdir", "step", "checkpoint", "format", "out"),
     "predict": ("workdir", "step", "out", "detect", "stride", "batch_size"),
     "convert-weights": ("from", "out", "layout", "backbone", "fc6_adaptive_pool"),
+    "compare": ("out", "split", "per_source"),
 }
 # What each command without a config cannot do without.
 REQUIRED_FLAGS = {
@@ -263,6 +271,7 @@ REQUIRED_FLAGS = {
     "export": ("format", "out"),
     "predict": ("workdir", "out"),
     "convert-weights": ("from", "out"),
+    "compare": (),
 }
 
 
@@ -278,12 +287,12 @@ def _parse_plain(command: str, spec: str | None, argv: list[str]) -> list[str] |
     """The commands without a config: their flags say what to do.
 
     Returns:
-      fbnet predict's inputs; None for the others.
+      the inputs of predict and compare; None for the others.
     """
     if spec is not None or any(a.startswith(("--config.", "-config.")) for a in argv):
         raise UserError(f"fbnet {command} takes no --config; its flags are "
                         f"{', '.join('--' + n for n in COMMAND_FLAGS[command])}")
-    inputs = _inputs(argv) if command == "predict" else None
+    inputs = _inputs(argv) if command in INPUT_COMMANDS else None
     # `_command` parsed the known flags already; a multi flag would collect its values twice.
     flags.FLAGS["option"].unparse()
     try:
@@ -300,6 +309,9 @@ def _parse_plain(command: str, spec: str | None, argv: list[str]) -> list[str] |
     if command == "predict" and not inputs:
         raise UserError("fbnet predict needs images, folders or videos to predict on: "
                         "fbnet predict --workdir DIR --out preds.csv PATH...")
+    if command == "compare" and len(inputs) < 1:
+        raise UserError("fbnet compare needs the work directories of runs: fbnet compare "
+                        "RUN_DIR RUN_DIR... [--out compare.md]")
     _refuse_other_commands_flags(command)
     return inputs
 
@@ -352,6 +364,10 @@ def main(command: str, config) -> int:
         from fbnet_jax import predict  # pylint: disable=g-import-not-at-top
         return predict.run_command(_WORKDIR.value, _STEP.value, config, _OUT.value,
                                    _DETECT.value, _STRIDE.value, _BATCH_SIZE.value)
+    if command == "compare":
+        from fbnet_jax import compare  # pylint: disable=g-import-not-at-top
+        return compare.run_command(config, _OUT.value, _SPLIT.value,
+                                   per_source=_PER_SOURCE.value)
     if command == "convert-weights":
         from fbnet_jax.models import weights  # pylint: disable=g-import-not-at-top
         return weights.run_command(flags.FLAGS["from"].value, _OUT.value, _LAYOUT.value,

@@ -37,6 +37,7 @@ from clu import parameter_overview
 
 from data_pipelines import pipeline
 from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel, relatedness
+from fbnet_jax import report
 from fbnet_jax import metrics as metrics_lib
 from fbnet_jax.errors import ConfigError, UserError
 from fbnet_jax.state import TrainState, create_state
@@ -340,6 +341,7 @@ def _check_workdir(config, workdir: Path, allow_config_change: bool) -> tuple[li
 
 
 PROFILE_DIR = "profile"
+REPORT_DIR = "report"  # the final evaluation's report.md, report.html and plots
 
 
 def memory_line(compiled) -> str:
@@ -474,9 +476,9 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
     train_cfg = config.train
     threshold_split = train_cfg.eval_split if train_cfg.tune_au_thresholds else None
     try:
-        final = evaluate.evaluate(model, state, config, train_cfg.test_split, mesh,
-                                  threshold_split=threshold_split, predict_fn=predict_fn,
-                                  should_stop=stop.requested)
+        final, (outputs, labels) = evaluate.evaluate(
+            model, state, config, train_cfg.test_split, mesh, threshold_split=threshold_split,
+            predict_fn=predict_fn, should_stop=stop.requested, return_arrays=True)
     except evaluate.Interrupted:
         return TrainingStopped(step, train_cfg.num_steps, stop.reason, workdir, trained=True)
     final["step"] = float(step)
@@ -485,6 +487,11 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
         (Path(workdir) / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
     log.info("final evaluation on %r (step %d):\n%s", train_cfg.test_split, step,
              evaluate.format_report(final, train_cfg.test_split, threshold_split))
+    if jax.process_index() == 0:
+        written = report.report_for_evaluation(final, train_cfg.test_split,
+                                               Path(workdir) / REPORT_DIR, outputs, labels, workdir)
+        if written:
+            log.info("report with plots: %s", written[1].absolute())
     log.info("finished; metrics written to %s", Path(workdir).absolute() / "metrics.json")
     return final
 

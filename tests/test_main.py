@@ -38,6 +38,15 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert process.returncode == 0, out
     again = json.loads((workdir / "eval" / "test_step3.json").read_text())
     assert again["test/expression_accuracy"] == results["test/expression_accuracy"]
+    # Each evaluation leaves a report beside its metrics; the final one in <workdir>/report.
+    for folder in (workdir / "report", workdir / "eval" / "test_step3"):
+        assert {"report.md", "report.html", "confusion_matrix.png"} <= {
+            f.name for f in folder.iterdir()}, folder
+
+    process = _fbnet("compare", str(workdir), str(workdir), "--out", str(tmp_path / "c.md"))
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert "expression_accuracy" in (tmp_path / "c.md").read_text()
 
     # The trained network leaves the run: exported, and predicting on files.
     process = _fbnet("export", "--workdir", str(workdir), "--format", "stablehlo", "--out",
@@ -149,9 +158,11 @@ USER_ERRORS = [
     (["train", "--config.train.num_steps=abc"],
      "flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["train", "--config", "synthetic:tiny", "--step", "3"], "--step: not a flag of fbnet train"),
-    (["fit"], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights} "
+    (["fit"], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights|"
+              "compare} "
               "[flags] (got 'fit'); see fbnet --help"),
-    ([], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights} [flags]; "
+    ([], "usage: fbnet {train|eval|relatedness|prepare|export|predict|convert-weights|compare} "
+         "[flags]; "
          "see fbnet --help"),
     (["export", "--format", "onnx", "--out", "m.onnx"],
      "fbnet export needs --workdir (or --checkpoint)"),

@@ -1,0 +1,383 @@
+"""Evaluation reports (fbnet_jax/report.py) and run comparison (fbnet_jax/compare.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+from conftest import load_config
+from PIL import Image
+
+from fbnet_jax import checkpointing, compare, evaluate, parallel, report, taxonomy, train
+from fbnet_jax import state as state_lib
+from fbnet_jax.errors import UserError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pixel sizes (width, height) of the plots: fixed figure sizes at 100 dpi.
+PNG_SIZES = {"confusion_matrix.png": (600, 500), "au_f1.png": (900, 500),
+             "va_histograms.png": (1000, 500), "sources.png": (900, 500),
+             "training_curves.png": (900, 1000)}
+
+# Flat metrics as an evaluation writes them: source "a" labels expressions, "b" AUs (AU1 only)
+# and VA; AU thresholds were tuned.
+RESULTS = {
+    "step": 120.0,
+    "test/expression_count": 8.0, "test/expression_accuracy": 0.625,
+    "test/expression_macro_f1": 0.5, "test/expression_score": 0.55,
+    "test/expression_f1/Happiness": 1.0, "test/expression_f1/Neutral": 0.5,
+    "test/a/expression_count": 8.0, "test/a/expression_accuracy": 0.625,
+    "test/a/expression_macro_f1": 0.5, "test/a/expression_score": 0.55,
+    "test/a/expression_f1/Happiness": 1.0, "test/a/expression_f1/Neutral": 0.5,
+    "test/au_count": 6.0, "test/au_label_count": 10.0, "test/au_mean_f1": 0.75,
+    "test/au_accuracy": 0.8, "test/au_score": 0.775,
+    "test/au_f1/AU1": 0.5, "test/au_f1/AU12": 1.0,
+    "test/b/au_count": 6.0, "test/b/au_label_count": 6.0, "test/b/au_mean_f1": 0.5,
+    "test/b/au_accuracy": 0.5, "test/b/au_score": 0.5, "test/b/au_f1/AU1": 0.5,
+    "test/au_tuned_count": 6.0, "test/au_tuned_label_count": 10.0, "test/au_tuned_mean_f1": 0.9,
+    "test/au_tuned_accuracy": 0.9, "test/au_tuned_score": 0.9,
+    "test/au_tuned_f1/AU1": 0.8, "test/au_tuned_f1/AU12": 1.0,
+    "test/au_threshold/AU1": 0.35, "test/au_threshold/AU12": 0.5,
+    "test/va_count": 4.0, "test/va_ccc_valence": 0.1 + 0.2, "test/va_ccc_arousal": -0.125,
+    "test/va_mean_ccc": 0.0625,
+    "test/b/va_count": 4.0, "test/b/va_ccc_valence": 0.25, "test/b/va_ccc_arousal": -0.125,
+    "test/b/va_mean_ccc": 0.0625,
+}
+
+TRAIN_LOG = """\
+2026-01-01 10:00:00 work directory: /runs/x
+2026-01-01 10:00:01 devices: 1 x cpu over 1 process(es)
+2026-01-01 10:00:05 step  50/200 ( 25%) | 5.00 steps/s 320 ex/s | ETA 0m30s | loss 3.5000 | \
+au 0.7000 expression 1.9000 va 0.9000 | lr 1.00e-03
+2026-01-01 10:00:06 validation: expr acc 0.2500, expr F1 0.1250, AU F1 0.3000, AU acc 0.7000, \
+CCC V 0.1000, CCC A -0.0500, CCC mean 0.0250
+2026-01-01 10:00:07 WARNING: skipped 1 of the steps 51-100: non-finite loss or gradient \
+(train.nonfinite = 'skip')
+2026-01-01 10:00:10 step 100/200 ( 50%) | 5.00 steps/s 320 ex/s | ETA 0m20s | loss 3.0000 | \
+au 0.6000 expression 1.6000 va 0.8000 | lr 8.00e-04
+2026-01-01 11:00:00 work directory: /runs/x
+2026-01-01 11:00:01 resumed from the checkpoint of step 50
+2026-01-01 11:00:10 step 100/200 ( 50%) | 4.00 steps/s 256 ex/s | ETA 0m25s | loss 2.9000 | \
+au 0.6000 expression 1.5000 va 0.8000 | lr 8.00e-04
+2026-01-01 11:00:11 validation: expr acc 0.3750, expr F1 0.2500
+2026-01-01 11:00:20 step 200/200 (100%) | 4.00 steps/s 256 ex/s | ETA 0m00s | loss 2.5000 | \
+au 0.5000 expression 1.2000 va 0.8000 | lr 4.00e-05
+2026-01-01 11:00:21 final evaluation on 'test' (step 200):
+source   | expr acc |  expr F1
+all      |   0.1456 |   0.0363
+2026-01-01 11:00:22 finished; metrics written to /runs/x/metrics.json
+"""
+TRAIN_CURVES = {
+    "loss/total": {50: 3.5, 100: 2.9, 200: 2.5},
+    "loss/au": {50: 0.7, 100: 0.6, 200: 0.5},
+    "loss/expression": {50: 1.9, 100: 1.5, 200: 1.2},
+    "loss/va": {50: 0.9, 100: 0.8, 200: 0.8},
+    "learning_rate": {50: 1e-3, 100: 8e-4, 200: 4e-5},
+    "validation/expression_accuracy": {50: 0.25, 100: 0.375},
+    "validation/expression_macro_f1": {50: 0.125, 100: 0.25},
+    "validation/au_mean_f1": {50: 0.3},
+    "validation/au_accuracy": {50: 0.7},
+    "validation/va_ccc_valence": {50: 0.1},
+    "validation/va_ccc_arousal": {50: -0.05},
+    "validation/va_mean_ccc": {50: 0.025},
+}
+
+
+def _arrays(va_labelled: bool = True):
+    """(outputs, labels) of 10 rows, the last two padding; row 6 has no expression label."""
+    n, num_aus = 10, len(taxonomy.AUS)
+    expression = np.array([0, 0, 4, 4, 4, 5, 1, 2, 3, 3])
+    predicted = np.array([0, 4, 4, 4, 0, 5, 2, 2, 3, 3])
+    va = np.linspace(-0.9, 0.9, 2 * n).reshape(n, 2)
+    outputs = {"expression_logits": np.eye(7)[predicted] * 3.0,
+               "au_logits": np.linspace(-2, 2, n * num_aus).reshape(n, num_aus),
+               "va": va[::-1] * 0.5}
+    labels = {"expression": expression,
+              "expression_mask": np.array([1, 1, 1, 1, 1, 1, 0, 1, 1, 1.0]),
+              "au": (np.arange(n * num_aus).reshape(n, num_aus) % 3 == 0).astype(np.float32),
+              "au_mask": np.ones((n, num_aus)), "va": va,
+              "va_mask": np.full(n, 1.0 if va_labelled else 0.0),
+              "source": np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0]),
+              "valid": np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0.0])}
+    return outputs, labels
+
+
+def _workdir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text(TRAIN_LOG)
+    return run
+
+
+def _section(markdown: str, heading: str) -> str:
+    """The text under `### heading` up to the next heading."""
+    return markdown.split(f"### {heading}\n", 1)[1].split("\n#", 1)[0]
+
+
+def _embedded_pngs(html_text: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in
+            re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)]
+
+
+def _check_pngs(out, names, html_path):
+    """Each named PNG is in `out` with its size and embedded in the HTML, no other PNG is."""
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
+    embedded = _embedded_pngs(html_path.read_text())
+    files = [(out / name).read_bytes() for name in names]
+    assert sorted(embedded) == sorted(files)
+    for name, data in zip(names, files):
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == PNG_SIZES[name], name
+
+
+def test_report_files_tables_and_embedded_plots(tmp_path):
+    out = tmp_path / "report"
+    md_path, html_path = report.write_report(RESULTS, "test", out, arrays=_arrays(),
+                                             workdir=_workdir(tmp_path), title="Run x")
+    assert (md_path, html_path) == (out / "report.md", out / "report.html")
+    _check_pngs(out, list(PNG_SIZES), html_path)
+    markdown = md_path.read_text()
+    for name in PNG_SIZES:
+        assert f"]({name})" in markdown
+    assert "Not drawn" not in markdown
+    assert markdown.startswith("# Run x\n\nSplit `test`, checkpoint of step 120.\n")
+    assert _section(markdown, "Expressions").strip().splitlines() == [
+        "| subset | labelled | accuracy | macro F1 | score |", "|---|---:|---:|---:|---:|",
+        "| all | 8 | 0.6250 | 0.5000 | 0.5500 |", "| a | 8 | 0.6250 | 0.5000 | 0.5500 |"]
+    assert _section(markdown, "Action units (threshold 0.5)").strip().splitlines()[2:] == [
+        "| all | 6 | 10 | 0.7500 | 0.8000 | 0.7750 |", "| b | 6 | 6 | 0.5000 | 0.5000 | 0.5000 |"]
+    assert _section(markdown, "Valence and arousal").strip().splitlines()[2:] == [
+        "| all | 4 | 0.3000 | -0.1250 | 0.0625 | - | - | - | - |",
+        "| b | 4 | 0.2500 | -0.1250 | 0.0625 | - | - | - | - |"]
+    assert _section(markdown, "Expression F1 per class").strip().splitlines() == [
+        "| subset | Neutral | Happiness |", "|---|---:|---:|",
+        "| all | 0.5000 | 1.0000 |", "| a | 0.5000 | 1.0000 |"]
+    assert _section(markdown, "AU F1 per AU (threshold 0.5)").strip().splitlines()[2:] == [
+        "| AU1 | 0.5000 | 0.5000 |", "| AU12 | 1.0000 | - |"]
+    assert _section(markdown, "Tuned AU thresholds (whole split)").strip().splitlines()[2:] == [
+        "| AU1 | 0.3500 | 0.8000 | 0.5000 |", "| AU12 | 0.5000 | 1.0000 | 1.0000 |"]
+    all_metrics = markdown.split("## All metrics\n", 1)[1]
+    for line in ("| `step` | 120 |", "| `test/expression_accuracy` | 0.625 |",
+                 "| `test/au_label_count` | 10 |",
+                 "| `test/va_ccc_valence` | 0.30000000000000004 |"):
+        assert line in all_metrics
+    assert len(re.findall(r"^\| `", all_metrics, re.M)) == len(RESULTS)
+    assert "Compound expressions" not in markdown
+    # The HTML holds the same tables.
+    html_text = html_path.read_text()
+    assert "<tr><td>b</td><td>6</td><td>6</td><td>0.5000</td>" in html_text
+    assert "<td><code>test/va_ccc_valence</code></td><td>0.30000000000000004</td>" in html_text
+
+
+def test_plots_without_data_are_left_out_with_a_reason(tmp_path):
+    out = tmp_path / "report"
+    report.write_report(RESULTS, "test", out, arrays=_arrays(), workdir=_workdir(tmp_path))
+    # Again without VA labels, AU results, per-source keys or a run: those plots are not drawn,
+    # and their PNGs from the first report are gone.
+    results = {k: v for k, v in RESULTS.items() if "/au" not in k and k.count("/") < 2}
+    results["test/expression_f1/Neutral"] = 0.5
+    md_path, html_path = report.write_report(results, "test", out,
+                                             arrays=_arrays(va_labelled=False))
+    _check_pngs(out, ["confusion_matrix.png"], html_path)
+    markdown = md_path.read_text()
+    for heading, why in (
+            ("F1 per action unit", "the results hold no per-AU F1 (no AU label in the split)"),
+            ("Predicted against true valence and arousal",
+             "no example of the split has valence-arousal labels"),
+            ("Headline metrics per source", "the results hold no per-source metrics"),
+            ("Training curves", "no run directory was given")):
+        assert _section(markdown, heading).strip() == f"_Not drawn: {why}._"
+        assert f"<em>Not drawn: {why}.</em>" in html_path.read_text()
+    # Without predictions: no confusion matrix and no VA plot; a run without train.log.
+    md_path, html_path = report.write_report(results, "test", out, workdir=tmp_path)
+    _check_pngs(out, [], html_path)
+    markdown = md_path.read_text()
+    assert _section(markdown, "Expression confusion matrix").strip() == (
+        "_Not drawn: it needs the predictions of the split, which were not given._")
+    assert f"_Not drawn: {tmp_path / 'train.log'} does not exist._" in markdown
+
+
+def test_confusion_counts_use_the_labelled_real_rows(tmp_path):
+    counts, why = report.confusion_counts({}, "test", _arrays())
+    expected = np.zeros((7, 7), np.int64)
+    # Rows 0-5 and 7 (row 6 is unlabelled, rows 8-9 are padding): true -> predicted.
+    for true, predicted in ((0, 0), (0, 4), (4, 4), (4, 4), (4, 0), (5, 5), (2, 2)):
+        expected[true, predicted] += 1
+    np.testing.assert_array_equal(counts, expected)
+    assert why == ""
+    # Without predictions, a matrix carried by the results is used.
+    carried = {"test/expression_confusion_matrix": expected.tolist()}
+    np.testing.assert_array_equal(report.confusion_counts(carried, "test", None)[0], expected)
+
+
+def test_reports_are_reproducible(tmp_path):
+    workdir = _workdir(tmp_path)
+    first = report.write_report(RESULTS, "test", tmp_path / "a", arrays=_arrays(),
+                                workdir=workdir)
+    second = report.write_report(RESULTS, "test", tmp_path / "b", arrays=_arrays(),
+                                 workdir=workdir)
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()
+    for name in PNG_SIZES:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes()
+        assert b"Software" not in data and b"Matplotlib" not in data
+
+
+def test_report_needs_metrics_of_the_split(tmp_path):
+    with pytest.raises(ValueError, match=r"no metric of split 'validation' \(they hold 'test'\)"):
+        report.write_report(RESULTS, "validation", tmp_path)
+
+
+def test_training_curves_from_train_log(tmp_path):
+    assert report.read_train_log(_workdir(tmp_path) / "train.log") == TRAIN_CURVES
+
+
+# --- Comparison of runs -------------------------------------------------------------------------
+
+
+def _run_dir(path, metrics=None, evals=None):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    for name, values in (evals or {}).items():
+        (path / "eval").mkdir(exist_ok=True)
+        (path / "eval" / name).write_text(json.dumps(values))
+    return path
+
+
+def test_compare_marks_the_best_and_the_differences(tmp_path, caplog):
+    a = _run_dir(tmp_path / "x" / "seed0", {"step": 10.0, "test/expression_accuracy": 0.5,
+                                            "test/au_mean_f1": 0.25})
+    b = _run_dir(tmp_path / "y" / "seed0", {"step": 20.0, "test/expression_accuracy": 0.75,
+                                            "test/au_mean_f1": 0.25, "test/va_mean_ccc": 0.1,
+                                            "test/b/va_mean_ccc": 0.2})
+    out = tmp_path / "out" / "compare.md"
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.compare"):
+        assert compare.run_command([a, b], out=out) == 0
+    lines = out.read_text().splitlines()
+    assert lines[4:9] == [
+        "| metric | x/seed0 | y/seed0 |", "|---|---:|---:|",
+        "| expression_accuracy | 0.5000 | **0.7500** (+0.2500) |",
+        "| au_mean_f1 | 0.2500 | 0.2500 (+0.0000) |",  # a tie between all runs: no best
+        "| va_mean_ccc | - | 0.1000 |"]
+    assert f"- y/seed0: {b / 'metrics.json'} (step 20)" in lines
+    assert caplog.records[0].getMessage().splitlines()[1:6] == [
+        "metric                x/seed0             y/seed0",
+        "-------------------------------------------------",
+        "expression_accuracy  0.5000    0.7500 (+0.2500) *",
+        "au_mean_f1           0.2500    0.2500 (+0.0000)",
+        "va_mean_ccc               -    0.1000"]
+    per_source = compare.compare([a, b], per_source=True)
+    assert per_source.rows[-1] == ("b/va_mean_ccc", (None, 0.2))
+
+
+def test_compare_reads_eval_files_when_asked_for_another_split(tmp_path):
+    run = _run_dir(tmp_path / "run", {"step": 8.0, "test/expression_accuracy": 0.5}, evals={
+        "validation_step4.json": {"step": 4.0, "validation/expression_accuracy": 0.25},
+        "validation_step8.json": {"step": 8.0, "validation/expression_accuracy": 0.375}})
+    loaded = compare.load_run(run, "validation")
+    assert (loaded.file, loaded.step, loaded.split) == (
+        run / "eval" / "validation_step8.json", 8, "validation")
+    assert compare.compare([run], "validation").rows == (("expression_accuracy", (0.375,)),)
+    assert compare.load_run(run).file == run / "metrics.json"
+    (run / "metrics.json").unlink()  # an interrupted run: its latest evaluation
+    assert compare.load_run(run).file == run / "eval" / "validation_step8.json"
+
+
+def test_compare_errors(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        compare.compare([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is not a run's work directory"):
+        compare.compare([tmp_path / "empty"])
+    unevaluated = _run_dir(tmp_path / "unevaluated")
+    with pytest.raises(UserError, match=r"has no metrics: .*fbnet eval --workdir"):
+        compare.compare([unevaluated])
+    test_only = _run_dir(tmp_path / "test_only", {"test/expression_accuracy": 0.5})
+    with pytest.raises(UserError, match="has no metrics of split 'validation'"):
+        compare.compare([test_only], "validation")
+    broken = _run_dir(tmp_path / "broken")
+    (broken / "metrics.json").write_text("{")
+    with pytest.raises(UserError, match=r"metrics.json: not valid JSON"):
+        compare.compare([broken])
+    other = _run_dir(tmp_path / "other", evals={
+        "validation_step2.json": {"validation/expression_accuracy": 0.5}})
+    with pytest.raises(UserError, match=r"different splits \(test_only: test, other: "
+                                        r"validation\); choose one with --split"):
+        compare.compare([test_only, other])
+    with pytest.raises(UserError, match="give the work directories"):
+        compare.compare([])
+    with pytest.raises(UserError, match="cannot write"):
+        compare.run_command([test_only], out=test_only / "metrics.json" / "compare.md")
+
+
+# --- Real runs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two 2-step tiny runs (seeds 0 and 1), evaluated at the end only."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed in (0, 1):
+        config = load_config("synthetic.py", "tiny")
+        config.seed = seed
+        config.train.num_steps = 2
+        config.train.log_every = 1
+        config.train.eval_every = 0
+        config.train.best_metric = ""
+        train.train_and_evaluate(config, root / f"seed{seed}")
+        runs.append(root / f"seed{seed}")
+    return runs
+
+
+def test_compare_two_runs_shows_their_metrics(tiny_runs, tmp_path):
+    saved = [json.loads((run / "metrics.json").read_text()) for run in tiny_runs]
+    comparison = compare.compare(tiny_runs)
+    assert comparison.split == "test"
+    assert [run.name for run in comparison.runs] == ["seed0", "seed1"]
+    assert [run.step for run in comparison.runs] == [2, 2]
+    expected = [(m, (saved[0][f"test/{m}"], saved[1][f"test/{m}"]))
+                for m in compare.COMPARED_METRICS if f"test/{m}" in saved[0]]
+    assert list(comparison.rows) == expected
+    assert len(expected) == 10  # the tiny mixture labels every task; no compound expressions
+    out = tmp_path / "compare.md"
+    compare.run_command(tiny_runs, out=out)
+    first, second = saved[0]["test/au_mean_f1"], saved[1]["test/au_mean_f1"]
+    cells = [f"{first:.4f}", f"{second:.4f}"]
+    cells[int(second > first)] = f"**{cells[int(second > first)]}**"
+    assert f"| au_mean_f1 | {cells[0]} | {cells[1]} ({second - first:+.4f}) |" in \
+        out.read_text().splitlines()
+
+
+def test_report_of_a_tiny_run(tiny_runs, tmp_path):
+    workdir = tiny_runs[0]
+    results = json.loads((workdir / "metrics.json").read_text())
+    config, step = evaluate.checkpoint_config(workdir)
+    mesh = parallel.create_mesh()
+    model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        state, _ = checkpointing.restore(manager, abstract, step=step)
+    finally:
+        manager.close()
+    outputs, labels = evaluate.predict(model, state, config, "test", mesh)
+    paths = report.report_for_evaluation(results, "test", tmp_path / "report", outputs, labels,
+                                         workdir)
+    _check_pngs(tmp_path / "report", list(PNG_SIZES), paths[1])
+    # The curves of the run's own train.log: a progress line per step (log_every 1).
+    curves = report.read_train_log(workdir / "train.log")
+    assert set(curves) == {"loss/total", "loss/au", "loss/expression", "loss/va",
+                           "learning_rate"}
+    assert all(list(points) == [1, 2] for points in curves.values())
+    # A report that cannot be written does not fail the evaluation.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the report folder would go")
+    assert report.report_for_evaluation(results, "test", blocked, outputs, labels) is None
