@@ -336,7 +336,13 @@ def _load_onnx(path: Path) -> Runner:
     options = ort.SessionOptions()
     # Its "Error merging shape info ... lenient merge" warnings (NCHW/NHWC value_info) are noise.
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # pylint: disable=broad-except  # onnxruntime's own exception types
+        raise ParityError(
+            f"ONNX Runtime cannot load the graph jax2onnx wrote "
+            f"({str(e).split('failed:')[-1].strip()}): a converter bug, not yours (known for resnet50 with jax2onnx 0.17.1: a residual Add gets inputs of "
+            f"two layouts); export this network with --format stablehlo or safetensors") from e
     return lambda x: dict(zip(OUTPUTS, session.run(list(OUTPUTS), {INPUT_NAME: x})))
 
 

@@ -411,10 +411,12 @@ def run(argv: list[str] | None = None) -> None:
             _fail("interrupted", EXIT_INTERRUPTED)
         _fail(str(e), EXIT_USAGE if isinstance(e, (UserError, DatasetError)) else EXIT_FAILED)
     except Exception as e:  # pylint: disable=broad-except
-        # A grain worker that died (killed, crashed): one line naming its record, status 1.
-        # (Looked up, not imported: importing grain here would slow `fbnet --help`.)
-        workers = sys.modules.get("data_pipelines.workers")
-        if debug or workers is None or not isinstance(e, workers.WorkerDied):
+        # Failures that say what happened in one line, status 1: a grain worker that died
+        # (killed, crashed), naming its record; an export that does not reproduce the model.
+        # (Looked up, not imported: importing them here would slow `fbnet --help`.)
+        known = [getattr(sys.modules.get(module), name, None) for module, name in (
+            ("data_pipelines.workers", "WorkerDied"), ("fbnet_jax.export", "ParityError"))]
+        if debug or not isinstance(e, tuple(k for k in known if k is not None)):
             raise
         _fail(str(e), EXIT_FAILED)
     sys.exit(status)

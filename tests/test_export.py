@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -297,3 +298,22 @@ def test_user_mistakes_get_one_line(workdir, model, tmp_path):
     assert _message(run, str(workdir), None, 7, "onnx", str(tmp_path / "m.onnx")) == (
         f"--step 7: the run in {workdir} has no checkpoint of that step; it has {STEPS}")
     assert sorted(os.listdir(tmp_path)) == ["file", "m.json"]
+
+
+@pytest.mark.slow
+def test_resnet50_onnx_export_fails_with_a_clear_message(tmp_path):
+    # jax2onnx 0.17.1 writes a graph ONNX Runtime refuses (a residual Add with inputs in two
+    # layouts): the export says so in one line and leaves nothing behind.
+    config = load_config("synthetic.py", "tiny")
+    config.model.backbone = "resnet50"
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    model, _, _, state = state_lib.create_state(config, mesh)
+    network = InferenceModel(
+        config=config, step=0, model=model,
+        variables={"params": jax.device_get(state.params),
+                   "batch_stats": jax.device_get(state.batch_stats)})
+    with pytest.raises(export.ParityError, match=r"ONNX Runtime cannot load the graph jax2onnx "
+                                                 r"wrote .*export this network with --format "
+                                                 r"stablehlo or safetensors"):
+        export.export(network, "onnx", tmp_path / "r50.onnx")
+    assert list(tmp_path.iterdir()) == []
