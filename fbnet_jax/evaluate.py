@@ -236,8 +236,6 @@ def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | 
         log.info("checkpoint of step %d on %r:\n%s", step, split,
                  format_report(results, split, threshold_split))
         log.info("metrics written to %s", out.absolute())
-        written = report.report_for_evaluation(results, split, out.with_suffix(""), outputs,
-                                               labels, workdir)
-        if written:
-            log.info("report with plots: %s", written[1].absolute())
+        report.report_for_evaluation(results, split, out.with_suffix(""), outputs,
+                                     labels, workdir)
     return results

@@ -488,10 +488,8 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
     log.info("final evaluation on %r (step %d):\n%s", train_cfg.test_split, step,
              evaluate.format_report(final, train_cfg.test_split, threshold_split))
     if jax.process_index() == 0:
-        written = report.report_for_evaluation(final, train_cfg.test_split,
-                                               Path(workdir) / REPORT_DIR, outputs, labels, workdir)
-        if written:
-            log.info("report with plots: %s", written[1].absolute())
+        report.report_for_evaluation(final, train_cfg.test_split,
+                                     Path(workdir) / REPORT_DIR, outputs, labels, workdir)
     log.info("finished; metrics written to %s", Path(workdir).absolute() / "metrics.json")
     return final
 
