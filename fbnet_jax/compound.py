@@ -405,17 +405,6 @@ def compound_config(config: ml_collections.ConfigDict, *, split: str = "test",
     return variant
 
 
-def make_predict_fn(model):
-    """A jitted `(state, image) -> outputs` with the features, the network in inference mode."""
-    names = ("expression_logits", "au_logits", "features")
-
-    def predict(state, image):
-        outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
-                              train=False)
-        return {name: outputs[name] for name in names}
-    return jax.jit(predict)
-
-
 def evaluate_compound(model, state, config: ml_collections.ConfigDict, mesh, *,
                       split: str = "test", size: int = SOURCE_SIZE, ks: Sequence[int] = KS,
                       draws: int = DRAWS, seed: int = 0,
@@ -424,8 +413,8 @@ def evaluate_compound(model, state, config: ml_collections.ConfigDict, mesh, *,
     from fbnet_jax import config_checks, evaluate  # pylint: disable=g-import-not-at-top
     variant = compound_config(config, split=split, size=size, keep_sources=keep_sources)
     config_checks.check_split(variant, split, what="--split")  # the run's sources may lack it
-    outputs, batch = evaluate.predict(model, state, variant, split, mesh,
-                                      predict_fn=make_predict_fn(model))
+    predict_fn = evaluate.make_predict_fn(model, ("expression_logits", "au_logits", "features"))
+    outputs, batch = evaluate.predict(model, state, variant, split, mesh, predict_fn=predict_fn)
     return compound_evaluation(outputs, batch, pipeline.source_names(variant.data),
                                aus=config.data.aus, prefix=split, ks=ks, draws=draws, seed=seed)
 
@@ -442,16 +431,10 @@ def evaluate_compound_workdir(workdir: str | Path, *, step: int | None = None,
     Raises:
       UserError: no such run or checkpoint.
     """
-    from fbnet_jax import checkpointing, evaluate, parallel  # pylint: disable=g-import-not-at-top
-    from fbnet_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+    from fbnet_jax import evaluate, parallel  # pylint: disable=g-import-not-at-top
     config, step = evaluate.checkpoint_config(workdir, step)
     mesh = parallel.create_mesh()
-    model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
-    manager = checkpointing.create_manager(workdir, read_only=True)
-    try:
-        state, step = checkpointing.restore(manager, abstract, step=step)
-    finally:
-        manager.close()
+    model, state = evaluate.restore_checkpoint(workdir, config, step, mesh)
     results = evaluate_compound(model, state, config, mesh, split=split, size=size, ks=ks,
                                 draws=draws, seed=seed, keep_sources=keep_sources)
     results["step"] = float(step)

@@ -38,13 +38,24 @@ class Interrupted(Exception):
     """An evaluation was abandoned because `should_stop()` became true (SIGTERM, Ctrl-C)."""
 
 
-def make_predict_fn(model):
-    """A jitted `(state, image) -> outputs` with the network in inference mode."""
+def make_predict_fn(model, keys=OUTPUT_KEYS):
+    """A jitted `(state, image) -> outputs[keys]` with the network in inference mode."""
     def predict(state, image):
         outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
                               train=False)
-        return {k: outputs[k] for k in OUTPUT_KEYS}
+        return {k: outputs[k] for k in keys}
     return jax.jit(predict)
+
+
+def restore_checkpoint(workdir: str | Path, config: ml_collections.ConfigDict, step: int, mesh):
+    """The network of `config` and its train state from the run's checkpoint of `step`."""
+    model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    try:
+        state, _ = checkpointing.restore(manager, abstract, step=step)
+    finally:
+        manager.close()
+    return model, state
 
 
 def predict(model, state, config, split: str, mesh, *, predict_fn=None,
@@ -220,12 +231,7 @@ def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | 
         else:
             threshold_split = config.train.eval_split
     mesh = parallel.create_mesh()
-    model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
-    manager = checkpointing.create_manager(workdir, read_only=True)
-    try:
-        state, step = checkpointing.restore(manager, abstract, step=step)
-    finally:
-        manager.close()
+    model, state = restore_checkpoint(workdir, config, step, mesh)
     results, (outputs, labels) = evaluate(model, state, config, split, mesh,
                                           threshold_split=threshold_split, return_arrays=True)
     results["step"] = float(step)

@@ -31,6 +31,29 @@ def tiny_config():
     return load_config("synthetic.py", "tiny")
 
 
+def first_batch(config):
+    """The first training batch of a config (this process's rows), iterator closed."""
+    from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+    iterator = pipeline.build_train_iterator(config)
+    try:
+        return next(iterator)
+    finally:
+        pipeline.close_iterator(iterator)
+
+
+def train_tiny_run(path, num_steps: int = 2):
+    """A finished tiny run of `num_steps` in `path` (checkpoint at the end, no periodic
+    evaluation); returns `path`."""
+    from fbnet_jax import train  # pylint: disable=g-import-not-at-top
+    config = load_config("synthetic.py", "tiny")
+    config.train.num_steps = num_steps
+    config.train.checkpoint_every = num_steps
+    config.train.eval_every = 0
+    config.train.best_metric = ""
+    train.train_and_evaluate(config, path)
+    return path
+
+
 def run_isolated(code: str, *, devices: int = 1, timeout: int = 300, cwd=None, args=()):
     """Runs python code in a fresh interpreter with `devices` fake CPU devices; returns stdout.
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, run_isolated
-from fbnet_jax import __version__, export, taxonomy, train
+from conftest import load_config, run_isolated, train_tiny_run
+from fbnet_jax import __version__, export, taxonomy
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import UserError
 from fbnet_jax.inference import OUTPUTS, InferenceModel
@@ -28,14 +28,7 @@ PREPROCESSING = {"image_size": SIZE, "layout": "NHWC", "channels": "RGB", "scale
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    config = load_config("synthetic.py", "tiny")
-    config.train.num_steps = STEPS
-    config.train.checkpoint_every = STEPS
-    config.train.eval_every = 0
-    config.train.best_metric = ""
-    path = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(config, path)
-    return path
+    return train_tiny_run(tmp_path_factory.mktemp("run"), STEPS)
 
 
 @pytest.fixture(scope="module")

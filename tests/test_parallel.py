@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_isolated
-from data_pipelines import pipeline
+from conftest import first_batch, run_isolated
 from fbnet_jax import checkpointing, parallel, train
 from fbnet_jax import state as state_lib
 
@@ -120,12 +119,6 @@ def test_gradient_accumulation_equals_the_whole_batch_without_batch_norm():
     _assert_same_step(one, out["pmap8/k2"], "pmap K=2 on 8 devices")
 
 
-def _first_batch(config):
-    iterator = pipeline.build_train_iterator(config)
-    try:
-        return next(iterator)
-    finally:
-        pipeline.close_iterator(iterator)
 
 
 def test_gradient_accumulation_with_batch_norm_normalises_each_microbatch(tiny_config):
@@ -134,7 +127,7 @@ def test_gradient_accumulation_with_batch_norm_normalises_each_microbatch(tiny_c
     # of that behaviour is noticed.
     mesh = parallel.create_mesh(jax.devices()[:1])
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
-    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    batch = parallel.global_batch(first_batch(tiny_config), mesh)
     results = {}
     for k in (1, 2):
         step = jax.jit(train.make_train_step(model, tx, tiny_config.loss.weights,
@@ -150,7 +143,7 @@ def test_gradient_accumulation_with_batch_norm_normalises_each_microbatch(tiny_c
 def test_bfloat16_trains_close_to_float32_with_float32_state(tiny_config):
     tiny_config.optimizer.warmup_steps = 0
     mesh = parallel.create_mesh(jax.devices()[:1])
-    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    batch = parallel.global_batch(first_batch(tiny_config), mesh)
     losses, states = {}, {}
     for dtype in ("float32", "bfloat16"):
         tiny_config.model.dtype = dtype
@@ -173,7 +166,7 @@ def test_bfloat16_trains_close_to_float32_with_float32_state(tiny_config):
 def test_skip_keeps_the_state_of_a_non_finite_step_and_counts_it(tiny_config):
     mesh = parallel.create_mesh(jax.devices()[:1])
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
-    local = _first_batch(tiny_config)
+    local = first_batch(tiny_config)
     bad = dict(local, va=np.full_like(local["va"], np.nan), va_mask=np.ones_like(local["va_mask"]))
     for policy in ("stop", "skip"):
         step = jax.jit(train.make_train_step(model, tx, tiny_config.loss.weights,

@@ -18,9 +18,9 @@ from PIL import Image, ImageOps
 
 from data_pipelines import synthetic_render
 from data_pipelines.sources import base
-from fbnet_jax import predict, taxonomy, train
+from fbnet_jax import predict, taxonomy
 from fbnet_jax.errors import UserError
-from tests.conftest import load_config
+from conftest import train_tiny_run
 
 FACE = 128   # side of a pasted face render
 # Where the faces of the scene are pasted (top-left corners), left to right.
@@ -29,14 +29,7 @@ PLACES = ((20, 30), (190, 100), (360, 40))
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    config = load_config("synthetic.py", "tiny")
-    config.train.num_steps = 2
-    config.train.checkpoint_every = 2
-    config.train.eval_every = 0
-    config.train.best_metric = ""
-    path = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(config, path)
-    return path
+    return train_tiny_run(tmp_path_factory.mktemp("run"), 2)
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, first_batch
 from data_pipelines import pipeline
 from fbnet_jax import checkpointing, evaluate, parallel, train
 from fbnet_jax.errors import ConfigError
 from fbnet_jax import state as state_lib
 
 
-def _first_batch(config):
-    iterator = pipeline.build_train_iterator(config)
-    try:
-        return next(iterator)
-    finally:
-        pipeline.close_iterator(iterator)
 
 
 def test_one_train_step_changes_params_and_reports_losses(tiny_config):
@@ -31,7 +25,7 @@ def test_one_train_step_changes_params_and_reports_losses(tiny_config):
     mesh = parallel.create_mesh()
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
     step_fn = jax.jit(train.make_train_step(model, tx, tiny_config.loss.weights))
-    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    batch = parallel.global_batch(first_batch(tiny_config), mesh)
     new_state, step_means = step_fn(state, batch)
     metrics = step_means.compute()
     assert int(new_state.step) == 1 and int(step_means.skipped) == 0
@@ -187,7 +181,7 @@ def test_a_stop_request_abandons_an_evaluation_and_checkpoints(tiny_config, tmp_
 def test_coupling_off_gives_bit_for_bit_the_plain_step(tiny_config):
     mesh = parallel.create_mesh()
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
-    batch = parallel.global_batch(_first_batch(tiny_config), mesh)
+    batch = parallel.global_batch(first_batch(tiny_config), mesh)
     assert tiny_config.loss.weights.co_annotation == 0.0  # the shipped configs: couplings off
     assert train.coupling_for(tiny_config) is None
     plain = {k: tiny_config.loss.weights[k] for k in ("expression", "au", "va")}
