@@ -58,9 +58,10 @@ def get_config(arg: str = "matched"):
         sources[name] = source
     with config.unlocked():
         config.data.sources = type(config.data.sources)(sources)
+        # One final evaluation per run (no periodic one, no compound source here).
+        config.evals = type(config.evals)({"test": config.evals.test})
     config.train.num_steps = 500
     config.train.log_every = 100
-    config.train.eval_every = 0         # one final evaluation per run
     config.train.checkpoint_every = 500
     config.train.best_metric = ""
     config.optimizer.warmup_steps = 50

@@ -13,7 +13,8 @@ Variants (`--config configs/paper_vgg.py:VARIANT`):
                ships; give every root on the command line:
                  fbnet train --config paper_vgg \
                    --config.data.sources.affectnet.root=/data/AffectNet \
-                   --config.data.sources.rafdb.root=/data/RAF-DB/basic ...
+                   --config.data.sources.rafdb.root=/data/RAF-DB/basic \
+                   --config.data.sources.rafdb_compound.root=/data/RAF-DB/compound ...
   "a,b,..."    only the named sources of DATASETS (for the datasets you hold), e.g.
                  fbnet train --config paper_vgg:affectnet,rafdb,disfa --config.data.sources...
   "synthetic"  the same recipe on the six synthetic sources of configs/synthetic.py (they label
@@ -49,6 +50,9 @@ DATASETS = {
     "bp4d": ("bp4d", 0.06, {}),
     "bp4d_plus": ("bp4d_plus", 0.06, {}),
     "affwild2_va": ("affwild2", 0.30, {"task": "va"}),
+    # Evaluation only (weight 0): RAF-DB's compound set, for the zero- and few-shot compound
+    # evaluators; the network never trains on compound labels.
+    "rafdb_compound": ("rafdb_compound", 0.0, {}),
 }
 
 # The synthetic sources are defined once, in the sibling synthetic.py (by path: it is found the
@@ -77,6 +81,11 @@ def get_config(arg: str = ""):
     if sources is not None:
         with config.unlocked():
             config.data.sources = type(config.data.sources)(sources)
+            for name in ("compound_zero_shot", "compound_few_shot"):
+                if "rafdb_compound" in sources:  # evaluate on the real compound set
+                    config.evals[name].sources = ("rafdb_compound",)
+                else:
+                    del config.evals[name]
 
     config.data.image_size = 112        # the paper's aligned face crops
     config.data.global_batch_size = 256
@@ -105,6 +114,6 @@ def get_config(arg: str = ""):
     train = config.train
     train.num_steps = 20_000            # about 5M examples at batch 256
     train.log_every = 100
-    train.eval_every = 2_000
+    config.evals.validation.every = 2_000
     train.checkpoint_every = 2_000
     return config

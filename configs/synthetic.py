@@ -12,7 +12,7 @@ Variants (`--config configs/synthetic.py:VARIANT`):
 
 import ml_collections
 
-from fbnet_jax import taxonomy
+from fbnet_jax import evaluators, taxonomy
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -31,13 +31,16 @@ def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, 
     """One synthetic dataset of the mixture.
 
     Args mirror the fields below; `aus` is the tuple of AU numbers the train split labels
-    (None: all of the AU list, (): none).
+    (None: all of the AU list, (): none); a size of None leaves that split out.
     """
+    sizes = dict(
+        validation_size=validation_size,  # examples of the (fully labelled) validation split
+        test_size=test_size,       # examples of the (fully labelled) test split
+    )
     return ConfigDict(dict(
         kind="synthetic",          # source type: data_pipelines.pipeline.build_source dispatches on it
         weight=weight,             # mixture weight of this source in training batches
-        validation_size=validation_size,  # examples of the (fully labelled) validation split
-        test_size=test_size,       # examples of the (fully labelled) test split
+        **{k: v for k, v in sizes.items() if v is not None},
         synthetic=ConfigDict(dict(
             num_records=num_records,   # size of the train split (it is repeated with reshuffling)
             seed=seed,                 # generator seed; splits draw independent streams from it
@@ -114,6 +117,14 @@ def get_config(arg: str = ""):
     data.sources.affwild2_like = _synthetic_source(
         weight=0.3 if not tiny else 0.5, seed=16, num_records=n, expression=True, va=True,
         aus=(taxonomy.DATASET_AUS["affwild2"] if not tiny else None), video_frames=50, **common)
+    if not tiny:
+        # Evaluation only (weight 0: never trained on): RAF-DB's 11 compound classes, in
+        # rafdb_like's look, for the zero- and few-shot compound evaluators (about 55 faces a
+        # class in its test split).
+        data.sources.rafdb_compound_like = _synthetic_source(
+            weight=0.0, seed=21, num_records=600, expression=True, va=False, aus=(),
+            compound=True, style=_style(pose=0.5, clutter=0.5), image_size=image_size,
+            test_size=600, validation_size=None)
 
     config.model = ConfigDict(dict(
         backbone="small_cnn",   # small_cnn | vgg_face | resnet50
@@ -167,7 +178,6 @@ def get_config(arg: str = ""):
     config.train = ConfigDict(dict(
         num_steps=4 if tiny else 2000,   # optimizer steps
         log_every=2 if tiny else 50,     # steps between console/TensorBoard lines
-        eval_every=2 if tiny else 500,   # steps between validation evaluations; 0 = end only
         checkpoint_every=4 if tiny else 500,   # steps between checkpoints (and at the end)
         stop_after_steps=0,   # stop this invocation after N steps (checkpointed; for job slots)
         profile_steps=0,      # trace N steps (from the 2nd on) into <workdir>/profile; 0 = off
@@ -178,13 +188,26 @@ def get_config(arg: str = ""):
                               # state as it was and go on)
         nonfinite_max_in_a_row=10,   # "skip": stop after this many skipped steps in a row
         max_checkpoints_to_keep=2,       # latest checkpoints kept
-        best_metric="validation/expression_accuracy",   # also keep the best checkpoint by it
+        best_metric="validation/expression_accuracy",   # also keep the best checkpoint by this
+                                         # metric of a periodic evaluator ("" = none)
         best_mode="max",                 # max | min
-        eval_split="validation",         # split of the periodic evaluations
-        test_split="test",               # split of the final evaluation (metrics.json)
-        tune_au_thresholds=True,         # final evaluation also reports AU metrics at per-AU
-                                         # thresholds chosen on eval_split (au_tuned_*)
     ))
+    # The evaluations (fbnet_jax/evaluators.py; fields described there): what is measured on
+    # which split and sources, and when. Sources () = the sources trained on (weight > 0).
+    config.evals = ConfigDict(dict(
+        # Every 500 steps: the task metrics of the validation splits (and the best checkpoint
+        # by train.best_metric).
+        validation=evaluators.tasks("validation", every=2 if tiny else 500),
+        # At the end (metrics.json, the report): the task metrics of the test splits, AU metrics
+        # also at per-AU thresholds tuned on validation.
+        test=evaluators.tasks("test", final=True, au_thresholds_from="validation"),
+    ))
+    if not tiny:
+        # At the end: compound expressions, never trained on, zero-shot from the AU and
+        # expression outputs and few-shot (k = 1, 5, 10) on the features.
+        compound = ("rafdb_compound_like",)
+        config.evals.compound_zero_shot = evaluators.compound_zero_shot("test", sources=compound)
+        config.evals.compound_few_shot = evaluators.compound_few_shot("test", sources=compound)
     config.parallel = ConfigDict(dict(
         mode="jit",   # jit: one jax.jit step over a mesh of every device | pmap: jax.pmap over
                       # each process's devices (same numbers; checkpoints restore in either)

@@ -553,7 +553,7 @@ class EvalBatches:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, *, split: str, process_index: int,
-                 process_count: int):
+                 process_count: int, sources: Sequence[str] | None = None):
         data = config.data
         self.batch_size = _per_process_batch(data.eval_batch_size, process_count,
                                              "config.data.eval_batch_size")
@@ -561,7 +561,14 @@ class EvalBatches:
         self._aus = taxonomy.check_au_list(data.aus)
         self._shards = []
         shard_sizes = np.zeros(process_count, np.int64)
-        for k, name in enumerate(source_names(data)):
+        names = source_names(data)
+        unknown = sorted(set(sources or ()) - set(names))
+        if unknown:
+            raise ValueError(f"no source named {', '.join(map(repr, unknown))}; the sources are "
+                             f"{', '.join(names)}")
+        for k, name in enumerate(names):
+            if sources is not None and name not in sources:
+                continue
             source = build_source(name, data.sources[name], split=split, aus=self._aus,
                                   source_index=k)
             # Shard p of a source of n examples holds indices p, p + P, ...: len(range(p, n, P)).
@@ -627,9 +634,10 @@ def _pad(batch: dict[str, Any] | None, padding_row: dict[str, Any],
 
 
 def build_eval_batches(config: ml_collections.ConfigDict, *, split: str = "test",
+                       sources: Sequence[str] | None = None,
                        process_index: int | None = None,
                        process_count: int | None = None) -> EvalBatches:
-    """This process's evaluation batches over every source's `split` (no shuffle, no augment).
+    """This process's evaluation batches over the sources' `split` (no shuffle, no augment).
 
     Every example of every source is in exactly one batch of exactly one process; each process
     gets `len()` batches of eval_batch_size // process_count rows, the last ones padded with
@@ -638,6 +646,8 @@ def build_eval_batches(config: ml_collections.ConfigDict, *, split: str = "test"
     Args:
       config: the experiment config (`data` is read).
       split: the split every source provides for evaluation.
+      sources: the names of the sources to read (default: all); each keeps its `source` index
+        of `source_names`, so keys and per-source metrics do not depend on the selection.
       process_index: this process's shard; default `jax.process_index()`.
       process_count: number of shards; default `jax.process_count()`.
 
@@ -646,4 +656,4 @@ def build_eval_batches(config: ml_collections.ConfigDict, *, split: str = "test"
     """
     process_index, process_count = _process_shard(process_index, process_count)
     return EvalBatches(config, split=split, process_index=process_index,
-                       process_count=process_count)
+                       process_count=process_count, sources=sources)

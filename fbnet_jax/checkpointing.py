@@ -166,6 +166,23 @@ def _reading(manager: ocp.CheckpointManager, step: int):
                         f"before it") from e
 
 
+def open_checkpoint(path: str | Path) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager over a checkpoint directory on its own (`<workdir>/checkpoints/<step>`,
+    copied anywhere), and its step. The caller closes the manager.
+
+    Raises:
+      UserError: `path` is not a directory named by a step.
+    """
+    path = Path(path)
+    if not path.is_dir() or not path.name.isdigit():
+        raise UserError(f"--checkpoint {path}: not a checkpoint directory (its name is the "
+                        f"step, e.g. <workdir>/checkpoints/400)")
+    with _absl_level(logging.ERROR):
+        manager = ocp.CheckpointManager(path.parent.absolute(), options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False))
+    return manager, int(path.name)
+
+
 def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir) / CHECKPOINT_DIR
 
@@ -215,6 +232,11 @@ ADDED_FIELDS = {
 
 
 def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
+    if "evals" not in values and "eval_split" in values.get("train", {}):
+        # Saved before `config.evals`: its train.* evaluation fields become the evaluators
+        # that ran then.
+        from fbnet_jax import evaluators  # pylint: disable=g-import-not-at-top  # (cycle)
+        values["evals"] = evaluators.from_train_fields(values)
     for path, value in ADDED_FIELDS.items():
         *parents, leaf = path.split(".")
         node = values

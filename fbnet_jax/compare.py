@@ -1,8 +1,9 @@
 """`fbnet compare`: the headline metrics of several runs side by side.
 
-Each run's metrics come from its `metrics.json` (the final evaluation, on `train.test_split`) or,
-when it has none or it lacks the split asked for, from its latest `eval/{split}_step{N}.json`
-(written by `fbnet eval`). Rows are metrics, columns runs; the best value of each row is marked
+Each run's metrics come from its `metrics.json` (its final evaluators' metrics) or, when it has
+none or it lacks the split asked for, from its latest `eval/{split}_step{N}.json` (written by
+`fbnet eval`; files of evaluators chosen by name, `{names}@{split}_step{N}.json`, are partial and
+not read). Rows are metrics, columns runs; the best value of each row is marked
 (every metric compared is higher-is-better) and each run after the first shows its difference
 from the first. A metric a run did not measure (nothing labelled for it) is '-', never 0.
 """
@@ -23,7 +24,8 @@ from fbnet_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-_EVAL_FILE = re.compile(r"^(?P<split>.+)_step(?P<step>\d+)\.json$")
+# `{split}[+{split}...]_step{N}.json`, as fbnet_jax/evaluate.py's `output_stem` names them.
+_EVAL_FILE = re.compile(r"^(?P<splits>[^@]+)_step(?P<step>\d+)\.json$")
 # The console table's columns, then the challenge scores, tuned-threshold AU F1 and compound
 # expressions; all higher-is-better.
 COMPARED_METRICS = tuple(key for key, _ in report.HEADLINE_METRICS) + (
@@ -133,8 +135,9 @@ def _eval_files(workdir: Path, split: str | None) -> list[tuple[int, str, Path]]
     found = []
     for path in sorted((workdir / "eval").glob("*_step*.json")):
         match = _EVAL_FILE.match(path.name)
-        if match and split in (None, match["split"]):
-            found.append((int(match["step"]), match["split"], path))
+        for found_split in match["splits"].split("+") if match else ():
+            if split in (None, found_split):
+                found.append((int(match["step"]), found_split, path))
     return found
 
 

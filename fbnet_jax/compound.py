@@ -10,28 +10,19 @@ something about RAF-DB's 11 compound classes (`taxonomy.RAF_COMPOUND_CLASSES`):
 - few-shot (`few_shot`): k labelled faces per class fit a nearest class mean classifier and a
   linear probe on the network's features, scored on the other labelled faces.
 
-`compound_evaluation` turns one split's outputs into flat metric keys per source;
-`evaluate_compound_workdir` (and `python -m fbnet_jax.compound`) evaluates a trained run on a
-synthetic compound source added to its stored config:
-
-  python -m fbnet_jax.compound --workdir runs/synthetic [--step N] [--split test] [--size 600]
+`zero_shot_evaluation` and `few_shot_evaluation` turn one split's outputs into flat metric keys
+per source; they are the `compound_zero_shot` and `compound_few_shot` evaluators of a config
+(fbnet_jax/evaluators.py), which `fbnet train` and `fbnet eval` run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import jax
-import ml_collections
 import numpy as np
 
-from data_pipelines import pipeline
 from fbnet_jax import metrics, taxonomy
-from fbnet_jax.errors import UserError
 
 NUM_CLASSES = len(taxonomy.RAF_COMPOUND_CLASSES)
 
@@ -60,11 +51,6 @@ PROBE_L2 = 1.0
 PROBE_STEPS = 1000
 STD_FLOOR = 1e-8       # a feature constant over the support set is centred, not scaled
 NORM_FLOOR = 1e-12     # an all-zero feature vector stays zero under L2 normalisation
-
-# The synthetic compound source that `compound_config` adds to a run's config.
-SOURCE_NAME = "rafdb_compound_like"
-SOURCE_SEED = 21       # the demo's sources use seeds 11..16; this world is new to the network
-SOURCE_SIZE = 600      # faces of the evaluation split, about 55 per class
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,61 +272,87 @@ def few_shot(features: np.ndarray, labels: np.ndarray, k: int, draws: int = DRAW
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics of a split.
+# Metrics of a split (the compound evaluators of fbnet_jax/evaluators.py).
 
-def compound_evaluation(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
-                        source_names: Sequence[str], aus: Sequence[int] = taxonomy.AUS,
-                        prefix: str = "test", ks: Sequence[int] = KS, draws: int = DRAWS,
-                        seed: int = 0) -> dict[str, float]:
-    """Zero- and few-shot compound metrics of each source, as flat keys.
+def _labelled(batch: Mapping[str, np.ndarray], source_names: Sequence[str]):
+    """(name, rows) of each source with a compound-labelled real example in `batch`."""
+    keep = (np.asarray(batch["valid"]) > 0) & (np.asarray(batch["compound_mask"]) > 0)
+    source = np.asarray(batch["source"])
+    for index, name in enumerate(source_names):
+        rows = keep & (source == index)
+        if rows.any():
+            yield name, rows
+
+
+def _counts(key: str, y: np.ndarray) -> dict[str, float]:
+    return {f"{key}_count": float(len(y)), f"{key}_chance_uar": 1.0 / NUM_CLASSES}
+
+
+def zero_shot_evaluation(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                         source_names: Sequence[str], aus: Sequence[int] = taxonomy.AUS,
+                         prefix: str = "test") -> dict[str, float]:
+    """Zero-shot compound metrics of each source, as flat keys.
 
     Only the rows of a source with `valid` 1 and `compound_mask` 1 count; a source without such a
     row has no key (not measured). Keys, with P = f"{prefix}/{source}/compound":
 
-      P_count                         labelled faces
-      P_chance_uar                    1/11, the UAR of guessing
+      P_count                               labelled faces
+      P_chance_uar                          1/11, the UAR of guessing
       P_zero_shot_{accuracy,uar,macro_f1}   the zero-shot rule (`zero_shot_scores`)
-      P_zero_shot_au_uar              the same rule with only its AU term
-      P_zero_shot_expression_uar      the same rule with only its expression term
-      P_few_shot_k{K}_{uar,uar_std,accuracy,accuracy_std}       the linear probe
-      P_few_shot_ncm_k{K}_{uar,uar_std,accuracy,accuracy_std}   the nearest class mean
-      P_few_shot_k{K}_classes         classes with at least K + 1 faces (the ones scored)
-
-    Few-shot values are means (and standard deviations) over `draws` support sets; a K at which
-    fewer than 2 classes have K + 1 faces has no few-shot key.
+      P_zero_shot_au_uar                    the same rule with only its AU term
+      P_zero_shot_expression_uar            the same rule with only its expression term
 
     Args:
-      outputs: "expression_logits" [N, 7], "au_logits" [N, A] and "features" [N, D].
+      outputs: "expression_logits" [N, 7] and "au_logits" [N, A].
       batch: the matching "compound", "compound_mask", "source" and "valid" [N].
       source_names: the sources in source-index order.
       aus: the AU numbers of the "au_logits" columns.
       prefix: the split, first component of every key.
-      ks, draws, seed: the few-shot protocol (`few_shot`).
     """
-    keep = ((np.asarray(batch["valid"]) > 0) & (np.asarray(batch["compound_mask"]) > 0))
-    source = np.asarray(batch["source"])
     labels = np.asarray(batch["compound"])
-    expression_probs = softmax(outputs["expression_logits"])
-    au_probs = metrics.sigmoid(outputs["au_logits"])
-    au_term = au_log_likelihood(au_probs, aus)
-    expression_term = expression_log_likelihood(expression_probs)
+    au_term = au_log_likelihood(metrics.sigmoid(outputs["au_logits"]), aus)
+    expression_term = expression_log_likelihood(softmax(outputs["expression_logits"]))
     results: dict[str, float] = {}
-    for index, name in enumerate(source_names):
-        rows = keep & (source == index)
-        if not rows.any():
-            continue
-        key = f"{prefix}/{name}/compound"
-        y = labels[rows]
+    for name, rows in _labelled(batch, source_names):
+        key, y = f"{prefix}/{name}/compound", labels[rows]
         ones = np.ones(len(y))
-        results[f"{key}_count"] = float(len(y))
-        results[f"{key}_chance_uar"] = 1.0 / NUM_CLASSES
+        results.update(_counts(key, y))
         zero_shot = AU_WEIGHT * au_term[rows] + EXPRESSION_WEIGHT * expression_term[rows]
         for metric, value in metrics.compound_metrics(y, zero_shot.argmax(-1), ones).items():
             if metric in ("accuracy", "uar", "macro_f1"):
                 results[f"{key}_zero_shot_{metric}"] = float(value)
         for term, scores in (("au", au_term[rows]), ("expression", expression_term[rows])):
-            results[f"{key}_zero_shot_{term}_uar"] = metrics.compound_metrics(
-                y, scores.argmax(-1), ones)["uar"]
+            results[f"{key}_zero_shot_{term}_uar"] = float(metrics.compound_metrics(
+                y, scores.argmax(-1), ones)["uar"])
+    return results
+
+
+def few_shot_evaluation(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                        source_names: Sequence[str], prefix: str = "test",
+                        ks: Sequence[int] = KS, draws: int = DRAWS,
+                        seed: int = 0) -> dict[str, float]:
+    """Few-shot compound metrics of each source on the network's features, as flat keys.
+
+    Rows as in `zero_shot_evaluation`. Keys, with P = f"{prefix}/{source}/compound":
+
+      P_count, P_chance_uar                                     as in zero_shot_evaluation
+      P_few_shot_k{K}_{uar,uar_std,accuracy,accuracy_std}       the linear probe
+      P_few_shot_ncm_k{K}_{uar,uar_std,accuracy,accuracy_std}   the nearest class mean
+      P_few_shot_k{K}_classes         classes with at least K + 1 faces (the ones scored)
+
+    Values are means (and standard deviations) over `draws` support sets (`few_shot`); a K at
+    which fewer than 2 classes have K + 1 faces has no key.
+
+    Args:
+      outputs: "features" [N, D].
+      batch, source_names, prefix: as in `zero_shot_evaluation`.
+      ks, draws, seed: the few-shot protocol (`few_shot`).
+    """
+    labels = np.asarray(batch["compound"])
+    results: dict[str, float] = {}
+    for name, rows in _labelled(batch, source_names):
+        key, y = f"{prefix}/{name}/compound", labels[rows]
+        results.update(_counts(key, y))
         features = np.asarray(outputs["features"])[rows]
         for k in ks:
             if len(usable_classes(y, k)) < 2:
@@ -350,94 +362,6 @@ def compound_evaluation(outputs: Mapping[str, np.ndarray], batch: Mapping[str, n
             for method, infix in (("linear", ""), ("ncm", "ncm_")):
                 for stat in ("uar", "uar_std", "accuracy", "accuracy_std"):
                     results[f"{key}_few_shot_{infix}k{k}_{stat}"] = shot[f"{method}_{stat}"]
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# A trained run on a synthetic compound source.
-
-def compound_source(*, image_size: int, split: str = "test", size: int = SOURCE_SIZE,
-                    seed: int = SOURCE_SEED) -> ml_collections.ConfigDict:
-    """The config entry of a synthetic source of RAF-DB compound faces (weight 0: never trained
-    on), with `size` faces in `split`; the look of configs/synthetic.py's rafdb_like source."""
-    return ml_collections.ConfigDict({
-        "kind": "synthetic",
-        "weight": 0.0,
-        f"{split}_size": int(size),
-        "synthetic": {
-            "num_records": int(size), "seed": int(seed), "image_size": int(image_size),
-            "label_expression": True, "label_va": False, "label_aus": (),
-            "compound": True, "video_frames": 0,
-            "style": {"identity": 1.0, "pose": 0.5, "clutter": 0.5, "lighting": 1.0,
-                      "blur": 1.0, "noise": 1.0, "jpeg": 1.0, "occlusion": 1.0},
-            "au_table": "du2014",
-        },
-    })
-
-
-def compound_config(config: ml_collections.ConfigDict, *, split: str = "test",
-                    size: int = SOURCE_SIZE, keep_sources: bool = False,
-                    ) -> ml_collections.ConfigDict:
-    """A copy of a run's config whose evaluation data has the synthetic compound source.
-
-    Args:
-      config: the run's config (left as it is).
-      split: the evaluation split the new source provides.
-      size: its number of faces.
-      keep_sources: keep the run's own sources too (their `split` is then evaluated as well, and
-        those that label compound classes get keys); by default the new source is the only one,
-        so no dataset of the run needs to be on this machine.
-
-    Raises:
-      UserError: the run already has a source named SOURCE_NAME, or `size` < 1.
-    """
-    if size < 1:
-        raise UserError(f"--size must be at least 1, got {size}")
-    variant = ml_collections.ConfigDict(config.to_dict())
-    if SOURCE_NAME in variant.data.sources:
-        raise UserError(f"the run's config already has a source named {SOURCE_NAME!r}")
-    source = compound_source(image_size=variant.data.image_size, split=split, size=size)
-    if keep_sources:
-        variant.data.sources[SOURCE_NAME] = source
-    else:
-        variant.data.sources = ml_collections.ConfigDict({SOURCE_NAME: source})
-    variant.lock()
-    return variant
-
-
-def evaluate_compound(model, state, config: ml_collections.ConfigDict, mesh, *,
-                      split: str = "test", size: int = SOURCE_SIZE, ks: Sequence[int] = KS,
-                      draws: int = DRAWS, seed: int = 0,
-                      keep_sources: bool = False) -> dict[str, float]:
-    """The compound metrics (`compound_evaluation`) of a network on `compound_config(config)`."""
-    from fbnet_jax import config_checks, evaluate  # pylint: disable=g-import-not-at-top
-    variant = compound_config(config, split=split, size=size, keep_sources=keep_sources)
-    config_checks.check_split(variant, split, what="--split")  # the run's sources may lack it
-    predict_fn = evaluate.make_predict_fn(model, ("expression_logits", "au_logits", "features"))
-    outputs, batch = evaluate.predict(model, state, variant, split, mesh, predict_fn=predict_fn)
-    return compound_evaluation(outputs, batch, pipeline.source_names(variant.data),
-                               aus=config.data.aus, prefix=split, ks=ks, draws=draws, seed=seed)
-
-
-def evaluate_compound_workdir(workdir: str | Path, *, step: int | None = None,
-                              split: str = "test", size: int = SOURCE_SIZE,
-                              ks: Sequence[int] = KS, draws: int = DRAWS, seed: int = 0,
-                              keep_sources: bool = False) -> dict[str, float]:
-    """`evaluate_compound` on the checkpoint of `step` (default: the latest) of a run.
-
-    The network comes from the checkpoint and the config stored with it. Returns the metrics
-    with "step" added.
-
-    Raises:
-      UserError: no such run or checkpoint.
-    """
-    from fbnet_jax import evaluate, parallel  # pylint: disable=g-import-not-at-top
-    config, step = evaluate.checkpoint_config(workdir, step)
-    mesh = parallel.create_mesh()
-    model, state = evaluate.restore_checkpoint(workdir, config, step, mesh)
-    results = evaluate_compound(model, state, config, mesh, split=split, size=size, ks=ks,
-                                draws=draws, seed=seed, keep_sources=keep_sources)
-    results["step"] = float(step)
     return results
 
 
@@ -465,9 +389,9 @@ def _few_shot_line(results: Mapping[str, float], p: str, k: int) -> str:
     return f"  {k:11d} | " + " | ".join(cells)
 
 
-def format_report(results: Mapping[str, float], split: str, ks: Sequence[int] = KS) -> str:
-    """For each source with compound keys: its count and chance, the zero-shot table, and the
-    few-shot table (one row per k)."""
+def format_report(results: Mapping[str, float], split: str) -> str:
+    """For each source with compound keys of `split`: its count and chance, the zero-shot table
+    (when measured), and the few-shot table (one row per k measured or asked for)."""
     suffix = "/compound_count"
     sources = sorted(key[len(split) + 1:-len(suffix)] for key in results
                      if key.startswith(f"{split}/") and key.endswith(suffix))
@@ -476,60 +400,12 @@ def format_report(results: Mapping[str, float], split: str, ks: Sequence[int] = 
         p = f"{split}/{source}/compound_"
         lines.append(f"{source}: {int(results[p + 'count'])} compound faces, "
                      f"{NUM_CLASSES} classes, chance UAR {results[p + 'chance_uar']:.4f}")
-        lines += _zero_shot_lines(results, p)
-        lines.append("  few-shot  k | classes | linear UAR (std) | linear acc |    NCM UAR (std) "
-                     "|    NCM acc")
-        lines += [_few_shot_line(results, p, k) for k in ks]
+        if p + "zero_shot_uar" in results:
+            lines += _zero_shot_lines(results, p)
+        ks = sorted({int(m.group(1)) for m in (re.fullmatch(
+            re.escape(p) + r"few_shot_(?:ncm_)?k(\d+)_.*", key) for key in results) if m})
+        if ks:
+            lines.append("  few-shot  k | classes | linear UAR (std) | linear acc |    NCM UAR "
+                         "(std) |    NCM acc")
+            lines += [_few_shot_line(results, p, k) for k in ks]
     return "\n".join(lines)
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """`python -m fbnet_jax.compound`: prints the report, writes the metrics JSON, returns them."""
-    parser = argparse.ArgumentParser(prog="python -m fbnet_jax.compound",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a trained run")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--split", default="test", help="split of the compound source")
-    parser.add_argument("--size", type=int, default=SOURCE_SIZE, help="compound faces to score")
-    parser.add_argument("--ks", type=_positive_ints, default=KS,
-                        help="few-shot support sizes, comma-separated (default 1,5,10)")
-    parser.add_argument("--draws", type=int, default=DRAWS, help="support sets per k")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the support sets")
-    parser.add_argument("--all-sources", action="store_true",
-                        help="also evaluate the run's own sources (those with compound labels)")
-    parser.add_argument("--output", default=None,
-                        help="metrics JSON (default: WORKDIR/eval/compound_SPLIT_stepN.json)")
-    args = parser.parse_args(argv)
-    if args.draws < 1:
-        parser.error(f"--draws must be at least 1, got {args.draws}")
-    try:
-        results = evaluate_compound_workdir(
-            args.workdir, step=args.step, split=args.split, size=args.size, ks=args.ks,
-            draws=args.draws, seed=args.seed, keep_sources=args.all_sources)
-    except UserError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if jax.process_index() == 0:
-        step = int(results["step"])
-        out = Path(args.output or
-                   Path(args.workdir) / "eval" / f"compound_{args.split}_step{step}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True))
-        print(f"checkpoint of step {step}, split {args.split!r}, {args.draws} draws per k:")
-        print(format_report(results, args.split, args.ks))
-        print(f"metrics written to {out.absolute()}")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """Checks of a config before a run touches anything, and of a restart against its checkpoint.
 
 `validate` looks at the whole config at once and names every problem (the field, what it holds,
-what is allowed), so a typo in `train.test_split` fails in a second, not after the training.
+what is allowed), so a typo in `evals.test.split` fails in a second, not after the training.
 `check_restart` compares a config with the one stored in a run's checkpoint:
 
 - fields that change neither the trained weights nor the data order (`FREE_FIELDS`: logging,
-  evaluation and checkpoint cadence, evaluation splits, data workers), `parallel.mode` (both
+  checkpoint cadence, the evaluators, data workers), `parallel.mode` (both
   modes give the same numbers) and the non-finite policy may change on any restart;
 - a change of the train state's shapes (the model, the AU list, the image size of a backbone
   with dense layers, the optimizer) can never continue a run: the restore would fail;
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, losses, metrics, models, relatedness, taxonomy
+from fbnet_jax import checkpointing, evaluators, losses, models, relatedness, taxonomy
 from fbnet_jax import state as state_lib
-from fbnet_jax.errors import ConfigError, UserError
+from fbnet_jax.errors import ConfigError
 
 # Fields a restart may change (`*` is one path component).
 FREE_FIELDS = (
@@ -36,12 +36,12 @@ FREE_FIELDS = (
     "data.num_workers", "data.eval_batch_size", "data.read_threads", "data.prefetch_buffer_size",
     "data.worker_buffer_size", "data.validate_records",
     "data.sources.*.validation_size", "data.sources.*.test_size",
-    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.stop_after_steps",
+    "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
     "train.profile_steps", "train.nonfinite",
     "train.nonfinite_max_in_a_row", "parallel.mode",
     "model.init_from",  # read by a fresh run only; a restart restores its checkpoint
     "train.max_checkpoints_to_keep", "train.best_metric", "train.best_mode",
-    "train.eval_split", "train.test_split", "train.tune_au_thresholds",
+    "evals.*", "evals.*.*",   # the evaluators: what is measured, not what is trained
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -87,26 +87,6 @@ def format_difference(path: str, before: Any, after: Any) -> str:
 
 
 # --- validation of one config -------------------------------------------------------------
-
-def common_splits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The splits every source of the config provides (the ones `fbnet eval --split` accepts)."""
-    splits = None
-    for name in pipeline.source_names(config.data):
-        source = config.data.sources[name]
-        if source.kind not in pipeline.SOURCE_KINDS:
-            continue
-        have = set(pipeline.source_splits(source))
-        splits = have if splits is None else splits & have
-    return tuple(sorted(splits or ()))
-
-
-def check_split(config: ml_collections.ConfigDict, split: str, what: str = "split") -> None:
-    """Raises UserError unless every source provides `split`."""
-    splits = common_splits(config)
-    if split not in splits:
-        raise UserError(f"{what} {split!r} is not a split of every source; the sources have: "
-                          f"{', '.join(splits) or 'no split in common'}")
-
 
 def _range(problems, path, value, low=None, high=None, *, integer=False, low_open=False,
            high_open=False):
@@ -156,14 +136,7 @@ def _check_data(config, problems, num_devices, num_processes):
     problems.extend(source_problems)
     if source_problems:
         return
-    train = config.train
     splits = {name: pipeline.source_splits(data.sources[name]) for name in pipeline.source_names(data)}
-    needed = {"train.eval_split": train.eval_split, "train.test_split": train.test_split}
-    for field, split in needed.items():
-        lacking = [name for name, have in splits.items() if split not in have]
-        if lacking:
-            problems.append(f"{field}: {split!r} is not a split of {', '.join(lacking)} (splits "
-                            f"every source has: {', '.join(common_splits(config)) or 'none'})")
     untrainable = [name for name, have in splits.items()
                    if "train" not in have and float(data.sources[name].weight) > 0]
     if untrainable:
@@ -258,7 +231,6 @@ def _check_train(config, problems, warnings):
     _range(problems, "train.num_steps", train.num_steps, 1, integer=True)
     _range(problems, "train.log_every", train.log_every, 1, integer=True)
     _range(problems, "train.checkpoint_every", train.checkpoint_every, 1, integer=True)
-    _range(problems, "train.eval_every", train.eval_every, 0, integer=True)
     _range(problems, "train.stop_after_steps", train.stop_after_steps, 0, integer=True)
     _range(problems, "train.profile_steps", train.get("profile_steps", 0), 0, integer=True)
     _range(problems, "train.max_checkpoints_to_keep", train.max_checkpoints_to_keep, 1,
@@ -268,22 +240,36 @@ def _check_train(config, problems, warnings):
     _range(problems, "train.nonfinite_max_in_a_row", train.nonfinite_max_in_a_row, 1,
            integer=True)
     _one_of(problems, "train.best_mode", train.best_mode, ("max", "min"))
-    if train.tune_au_thresholds and train.eval_split == train.test_split:
-        problems.append(f"train.tune_au_thresholds: thresholds are tuned on train.eval_split, "
-                        f"which is the split scored at the end ({train.test_split!r}); use "
-                        f"another eval_split or set tune_au_thresholds=False")
-    if train.best_metric:
-        names = metrics.metric_names(pipeline.source_names(config.data), config.data.aus,
-                                     train.eval_split)
-        if train.best_metric not in names:
-            headline = [n for n in names if n.count("/") == 1 and "_f1/" not in n]
-            problems.append(f"train.best_metric: {train.best_metric!r} is not a metric of the "
-                            f"periodic evaluation on {train.eval_split!r}; for example "
-                            f"{', '.join(headline[:8])} (per source: "
-                            f"{train.eval_split}/<source>/<metric>), or '' for none")
-        elif not train.eval_every:
-            warnings.append(f"train.best_metric is {train.best_metric!r} but train.eval_every "
-                            f"is 0: without periodic evaluations no best checkpoint is kept")
+
+
+def _check_evals(config, problems, warnings):
+    """The evaluators (`evaluators.problems`), and the best-checkpoint metric among theirs."""
+    found = evaluators.problems(config)
+    problems.extend(found)
+    if found or any(p.startswith("data.") for p in problems):
+        return
+    configured = evaluators.from_config(config)
+    if not any(e.final for e in configured):
+        warnings.append("no evaluator of config.evals is final: metrics.json will hold no "
+                        "metric and no report is written")
+    best = config.train.best_metric
+    if not best:
+        return
+    periodic = [e for e in configured if e.every]
+    if any(best in e.metric_names(config.data.aus) for e in periodic):
+        return
+    holders = [e.name for e in configured if best in e.metric_names(config.data.aus)]
+    if holders:
+        warnings.append(f"train.best_metric is {best!r}, a metric of {', '.join(holders)}, which "
+                        f"never runs during training (every = 0): no best checkpoint is kept")
+        return
+    names = [n for e in periodic for n in e.metric_names(config.data.aus)]
+    headline = [n for n in names if n.count("/") == 1 and "_f1/" not in n]
+    problems.append(f"train.best_metric: {best!r} is not a metric of any evaluator that runs "
+                    f"during training ({', '.join(e.name for e in periodic) or 'none has every > 0'})"
+                    + (f"; for example {', '.join(headline[:8])} (per source: "
+                       f"<split>/<source>/<metric>), or '' for none" if headline else
+                       "; '' for none"))
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
@@ -314,6 +300,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_losses(config, problems)
     _check_optimizer(config, problems)
     _check_train(config, problems, warnings)
+    _check_evals(config, problems, warnings)
     _check_parallel(config, problems, num_devices)
     if not any(p.startswith(("model.", "data.image_size", "data.aus")) for p in problems):
         _check_model_builds(config, problems)

@@ -1,15 +1,16 @@
-"""Evaluation: every example of a split once, exact metrics per source and for the mixture.
+"""Evaluation: the evaluators of a config (fbnet_jax/evaluators.py) on a train state.
 
-`evaluate` runs inside training (periodic validation, final test); `evaluate_workdir` re-evaluates
-a checkpoint of a finished or interrupted run with the config stored in that checkpoint
-(`fbnet eval`), optionally with evaluation settings changed.
+`evaluate` runs a round of evaluators (training's periodic and final evaluations) with one pass
+of the network over each split they read (`Predictions`); `evaluate_workdir` re-evaluates a
+checkpoint of a finished or interrupted run, or a checkpoint directory on its own, with the
+config stored in it or another that fits it (`fbnet eval`), and writes the metrics and report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, metrics, parallel, report
+from fbnet_jax import checkpointing, compound, config_checks, evaluators, parallel, report
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import ConfigError, UserError
 
@@ -31,14 +32,13 @@ TABLE_COLUMNS = (
     ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
     ("va_ccc_valence", "CCC V"), ("va_ccc_arousal", "CCC A"), ("va_mean_ccc", "CCC mean"),
 )
-OUTPUT_KEYS = ("expression_logits", "au_logits", "va")
 
 
 class Interrupted(Exception):
     """An evaluation was abandoned because `should_stop()` became true (SIGTERM, Ctrl-C)."""
 
 
-def make_predict_fn(model, keys=OUTPUT_KEYS):
+def make_predict_fn(model, keys=evaluators.TASK_OUTPUTS):
     """A jitted `(state, image) -> outputs[keys]` with the network in inference mode."""
     def predict(state, image):
         outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
@@ -47,10 +47,12 @@ def make_predict_fn(model, keys=OUTPUT_KEYS):
     return jax.jit(predict)
 
 
-def restore_checkpoint(workdir: str | Path, config: ml_collections.ConfigDict, step: int, mesh):
-    """The network of `config` and its train state from the run's checkpoint of `step`."""
+def restore_checkpoint(workdir: str | Path, config: ml_collections.ConfigDict, step: int, mesh,
+                       *, manager=None):
+    """The network of `config` and its train state from the run's checkpoint of `step` (or from
+    `manager`'s, which is closed after)."""
     model, _, _, abstract = state_lib.create_state(config, mesh, abstract=True)
-    manager = checkpointing.create_manager(workdir, read_only=True)
+    manager = manager or checkpointing.create_manager(workdir, read_only=True)
     try:
         state, _ = checkpointing.restore(manager, abstract, step=step)
     finally:
@@ -59,11 +61,14 @@ def restore_checkpoint(workdir: str | Path, config: ml_collections.ConfigDict, s
 
 
 def predict(model, state, config, split: str, mesh, *, predict_fn=None,
+            sources: Sequence[str] | None = None,
             should_stop: Callable[[], bool] | None = None,
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Outputs and labels of every example of `split` of every configured source.
+    """Outputs and labels of every example of `split` of the configured sources.
 
     Args:
+      predict_fn: a `make_predict_fn(model, keys)`; its keys are the outputs returned.
+      sources: the sources to read (default: all).
       should_stop: checked before every batch; when it returns True the evaluation is
         abandoned with `Interrupted`, so a stop request never waits for a whole split.
 
@@ -73,7 +78,7 @@ def predict(model, state, config, split: str, mesh, *, predict_fn=None,
     """
     predict_fn = predict_fn or make_predict_fn(model)
     outputs, labels = [], []
-    batches = pipeline.build_eval_batches(config, split=split)
+    batches = pipeline.build_eval_batches(config, split=split, sources=sources)
     for local_batch in tqdm.tqdm(batches, desc=f"eval {split}", unit="batch", leave=False,
                                  disable=None if jax.process_index() == 0 else True):
         if should_stop is not None and should_stop():
@@ -87,37 +92,108 @@ def predict(model, state, config, split: str, mesh, *, predict_fn=None,
             {k: np.concatenate([b[k] for b in labels]) for k in labels[0]})
 
 
-def evaluate(model, state, config, split: str, mesh, *, threshold_split: str | None = None,
-             predict_fn=None, should_stop: Callable[[], bool] | None = None,
-             return_arrays: bool = False):
-    """Metrics of `state` on every example of `split` of every configured source.
+class Predictions:
+    """The predict function of a round of evaluators (`evaluators.PredictFn`).
+
+    Each split is run once, over every source and output the round's evaluators read of it,
+    when first asked for; each call returns the rows of the sources asked for.
+
+    Args:
+      model, state, config, mesh: the network, its train state, the config and mesh.
+      round_evaluators: the evaluators of the round (their sources, outputs and splits).
+      predict_fns: a dict of compiled `make_predict_fn`s by output keys, shared between rounds
+        (filled as needed), so training compiles each once.
+      should_stop: see `predict`.
+    """
+
+    def __init__(self, model, state, config, mesh, round_evaluators, *, predict_fns=None,
+                 should_stop: Callable[[], bool] | None = None):
+        self._model, self._state, self._config, self._mesh = model, state, config, mesh
+        self._fns = {} if predict_fns is None else predict_fns
+        self._should_stop = should_stop
+        self._plan: dict[str, tuple[set, set]] = {}
+        for evaluator in round_evaluators:
+            for split in evaluator.splits:
+                sources, keys = self._plan.setdefault(split, (set(), set()))
+                sources.update(evaluator.sources)
+                keys.update(evaluator.outputs)
+        self._index = {name: k for k, name in enumerate(pipeline.source_names(config.data))}
+        self._cache: dict[str, tuple[dict, dict]] = {}
+
+    def __call__(self, split: str, sources: Sequence[str], keys: Sequence[str]):
+        planned_sources, planned_keys = self._plan.setdefault(split, (set(), set()))
+        if (split not in self._cache or not set(keys) <= planned_keys
+                or not set(sources) <= planned_sources):  # not planned: run it again, wider
+            planned_sources.update(sources)
+            planned_keys.update(keys)
+            fn_keys = tuple(sorted(planned_keys))
+            if fn_keys not in self._fns:
+                self._fns[fn_keys] = make_predict_fn(self._model, fn_keys)
+            self._cache[split] = predict(
+                self._model, self._state, self._config, split, self._mesh,
+                predict_fn=self._fns[fn_keys],
+                sources=[s for s in self._index if s in planned_sources],
+                should_stop=self._should_stop)
+        outputs, labels = self._cache[split]
+        rows = np.isin(labels["source"], [self._index[s] for s in sources])
+        return ({k: outputs[k][rows] for k in keys}, {k: v[rows] for k, v in labels.items()})
+
+
+def evaluate(model, state, config, mesh, round_evaluators: Sequence[evaluators.Evaluator], *,
+             predict_fns=None, should_stop: Callable[[], bool] | None = None,
+             return_predictions: bool = False):
+    """The merged metrics of `round_evaluators` on `state`.
 
     Args:
       model, state, config, mesh: the network, its train state, the run's config and mesh.
-      split: the split to evaluate.
-      threshold_split: when given, also the AU metrics at per-AU thresholds chosen on this
-        split (e.g. "validation"), under `{split}/au_tuned_*` and `{split}/au_threshold/*`.
-      predict_fn: a `make_predict_fn(model)` to reuse (saves a compilation).
+      round_evaluators: from `evaluators.from_config(config)` (or `select`ed from it).
+      predict_fns: see `Predictions` (saves compilations between rounds).
       should_stop: see `predict`.
-      return_arrays: also return the split's (outputs, labels) as `predict` gives them (for the
-        report's plots).
+      return_predictions: also return the round's `Predictions` (the report reads its arrays).
 
     Returns:
-      A flat dict: `{split}/{metric}` for the whole split and `{split}/{source}/{metric}` for
-      each source (keys as in fbnet_jax.metrics.evaluate_arrays); with `return_arrays`, the
-      pair (that dict, (outputs, labels)).
+      A flat dict of every evaluator's keys (fbnet_jax/evaluators.py); with
+      `return_predictions`, the pair (that dict, the Predictions).
     """
-    predict_fn = predict_fn or make_predict_fn(model)
-    outputs, labels = predict(model, state, config, split, mesh, predict_fn=predict_fn,
-                              should_stop=should_stop)
-    results = metrics.evaluate_arrays(outputs, labels, pipeline.source_names(config.data),
-                                      aus=config.data.aus, prefix=split)
-    if threshold_split:
-        tune_outputs, tune_labels = predict(model, state, config, threshold_split, mesh,
-                                            predict_fn=predict_fn, should_stop=should_stop)
-        results.update(metrics.tuned_au_metrics(tune_outputs, tune_labels, outputs, labels,
-                                                aus=config.data.aus, prefix=split))
-    return (results, (outputs, labels)) if return_arrays else results
+    predictions = Predictions(model, state, config, mesh, round_evaluators,
+                              predict_fns=predict_fns, should_stop=should_stop)
+    results = evaluators.run(round_evaluators, predictions, pipeline.source_names(config.data),
+                             config.data.aus)
+    return (results, predictions) if return_predictions else results
+
+
+def report_split(round_evaluators: Sequence[evaluators.Evaluator]) -> str:
+    """The split a round's report shows with tables and plots: its first tasks evaluator's."""
+    tasks = [e for e in round_evaluators if e.kind == "tasks"]
+    return (tasks or list(round_evaluators))[0].split
+
+
+def format_round(results: dict[str, float], round_evaluators) -> str:
+    """The console report of a round: each tasks evaluator's table (and tuned-threshold line),
+    then the compound tables of each split that has them."""
+    parts = []
+    for e in round_evaluators:
+        if e.kind == "tasks":
+            parts.append(format_report(results, e.split, e.options["au_thresholds_from"]))
+    for split in dict.fromkeys(e.split for e in round_evaluators if e.kind != "tasks"):
+        text = compound.format_report(results, split)
+        if text:
+            parts.append(f"compound expressions on {split!r}:\n{text}")
+    return "\n".join(parts)
+
+
+def write_outputs(results: dict[str, Any], round_evaluators, predictions: Predictions,
+                  json_path: Path, report_dir: Path, workdir: Path | None) -> None:
+    """Writes a round's metrics as JSON and its report (call on process 0)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    log.info("metrics written to %s", json_path.absolute())
+    split = report_split(round_evaluators)
+    tasks = [e for e in round_evaluators if e.kind == "tasks" and e.split == split]
+    outputs = labels = None
+    if tasks:
+        outputs, labels = predictions(split, tasks[0].sources, evaluators.TASK_OUTPUTS)
+    report.report_for_evaluation(results, split, report_dir, outputs, labels, workdir)
 
 
 def _rows(results: dict[str, float], split: str) -> list[tuple[str, str]]:
@@ -166,6 +242,23 @@ def format_summary(results: dict[str, float], split: str) -> str:
     return f"{split}: " + ", ".join(parts)
 
 
+def format_summaries(results: dict[str, float], round_evaluators) -> list[str]:
+    """One line per evaluator of a periodic evaluation: the headline metrics of a tasks
+    evaluator (`format_summary`, which the report reads back from train.log), the UAR of each
+    source of a compound one."""
+    lines = []
+    for e in round_evaluators:
+        if e.kind == "tasks":
+            lines.append(format_summary(results, e.split))
+            continue
+        metric = ("zero_shot_uar" if e.kind == "compound_zero_shot"
+                  else f"few_shot_k{max(e.options['ks'])}_uar")
+        parts = [f"{source} {results[key]:.4f}" for source in e.sources
+                 if (key := f"{e.split}/{source}/compound_{metric}") in results]
+        lines.append(f"{e.name} on {e.split} (compound {metric}): {', '.join(parts) or '-'}")
+    return lines
+
+
 def checkpoint_config(workdir: str | Path,
                       step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
     """The config stored with a run's checkpoint of `step` (default: the latest), and the step.
@@ -193,55 +286,130 @@ def checkpoint_config(workdir: str | Path,
         manager.close()
 
 
-def evaluate_workdir(workdir: str | Path, split: str | None = None, step: int | None = None, *,
-                     config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-    """Re-evaluates a checkpoint of the run in `workdir` (default: the latest).
-
-    The network and its state come from the checkpoint and the config stored with it; `config`
-    (that config with evaluation settings changed, e.g. `data.eval_batch_size` or the sources'
-    evaluation splits) may replace it as long as it builds a state of the same shapes.
-
-    AU metrics at tuned thresholds are reported when the run tunes them and the thresholds'
-    split (`train.eval_split`) is not the split being scored, since thresholds tuned on the
-    scored split would flatter it.
-
-    Writes `workdir/eval/{split}_step{N}.json`, prints the table, and returns the metrics.
+def checkpoint_location(workdir: str | Path | None, checkpoint: str | Path | None,
+                        step: int | None):
+    """(read-only manager, step, config stored with it, output folder) of the checkpoint that
+    `fbnet eval` names: `workdir`'s of `step` (default: latest), or a `checkpoint` directory on
+    its own, whose results go beside its `checkpoints/` folder (or beside it, when copied
+    elsewhere). The caller closes the manager.
 
     Raises:
-      UserError: no such checkpoint or split; a config that does not fit the checkpoint.
+      UserError: no such run, checkpoint or step; both or neither of workdir and checkpoint.
     """
-    workdir = Path(workdir)
+    if bool(workdir) == bool(checkpoint):
+        raise UserError("fbnet eval takes --workdir DIR (with --step N to pick a checkpoint) or "
+                        "--checkpoint PATH, one of the two")
+    if checkpoint:
+        if step is not None:
+            raise UserError("--step goes with --workdir; a --checkpoint directory is one step "
+                            "already")
+        path = Path(checkpoint)
+        manager, step = checkpointing.open_checkpoint(path)
+        root = path.parent.parent if path.parent.name == checkpointing.CHECKPOINT_DIR else (
+            path.parent)
+        try:
+            saved = checkpointing.read_config(manager, step)
+        except BaseException:
+            manager.close()
+            raise
+        return manager, step, saved, root
     saved, step = checkpoint_config(workdir, step)
-    if config is None:
-        config = saved
-    else:
-        config_checks.validate(config)
-        problem = config_checks.shape_change(saved, config, step)
-        if problem:
-            raise ConfigError(problem, header="these overrides do not fit the checkpoint")
-        for difference in config_checks.differences(saved, config):
-            log.info("evaluating with %s", config_checks.format_difference(*difference))
-    split = split or config.train.test_split
-    config_checks.check_split(config, split, what="--split")
-    threshold_split = None
-    if config.train.tune_au_thresholds:
-        if config.train.eval_split == split:
-            log.info("AU thresholds are tuned on %r, the split being scored: only the metrics at "
-                     "threshold 0.5 are reported", split)
+    return checkpointing.create_manager(workdir, read_only=True), step, saved, Path(workdir)
+
+
+def stored_config(workdir: str | Path | None, checkpoint: str | Path | None,
+                  step: int | None) -> ml_collections.ConfigDict:
+    """The config stored with the checkpoint `fbnet eval` names (`checkpoint_location`)."""
+    manager, _, config, _ = checkpoint_location(workdir, checkpoint, step)
+    manager.close()
+    return config
+
+
+def _chosen(config, names: Sequence[str] | None, split: str | None):
+    """The evaluators `fbnet eval` runs: those named (default: the final ones), on `split`."""
+    try:
+        chosen = evaluators.select(evaluators.from_config(config), names)
+    except ValueError as e:
+        raise UserError(f"--evals: {e}") from e
+    if not split:
+        return chosen
+    source_splits = {n: pipeline.source_splits(config.data.sources[n])
+                     for n in pipeline.source_names(config.data)}
+    lacking = {e.name: [s for s in e.sources if split not in source_splits[s]] for e in chosen}
+    if all(lacking.values()):
+        have = sorted(set().union(*(source_splits[s] for e in chosen for s in e.sources)))
+        raise UserError(f"--split {split!r} is not a split of the sources of "
+                        f"{', '.join(e.name for e in chosen)} (they have: {', '.join(have)})")
+    out = []
+    for e in chosen:
+        if lacking[e.name] and names is None:
+            log.info("evaluator %s left out: %s have no %r split", e.name,
+                     ", ".join(lacking[e.name]), split)
+            continue
+        if lacking[e.name]:
+            raise UserError(f"--split {split}: evaluator {e.name} reads "
+                            f"{', '.join(lacking[e.name])}, which have no {split!r} split")
+        if e.options.get("au_thresholds_from") == split:
+            log.info("%s: AU thresholds are tuned on %r, the split being scored: only the "
+                     "metrics at threshold 0.5 are reported", e.name, split)
+        out.append(e.on_split(split))
+    return out
+
+
+def output_stem(chosen, names: Sequence[str] | None, step: int) -> str:
+    """The file name of an evaluation's results: its splits and step (`test_step2000`), after
+    the evaluators' names when they were chosen by name (`compound_zero_shot@test_step2000`),
+    so a partial evaluation never replaces a whole one."""
+    stem = "+".join(dict.fromkeys(e.split for e in chosen)) + f"_step{step}"
+    return stem if names is None else "+".join(e.name for e in chosen) + "@" + stem
+
+
+def evaluate_workdir(workdir: str | Path | None = None, split: str | None = None,
+                     step: int | None = None, *, config: ml_collections.ConfigDict | None = None,
+                     checkpoint: str | Path | None = None,
+                     names: Sequence[str] | None = None) -> dict[str, Any]:
+    """`fbnet eval`: runs evaluators of a config on a checkpoint and writes metrics and report.
+
+    The checkpoint is the run's in `workdir` of `step` (default: the latest) or a `checkpoint`
+    directory on its own. The network comes from it and from the config stored with it; `config`
+    (that config with fields changed, or another experiment's config file, e.g. one with more
+    evaluators or sources) may replace it as long as it builds a state of the same shapes.
+
+    The evaluators are those of `names` (default: the final ones); `split` runs them on that
+    split instead of their own (without `names`, those whose sources lack it are left out).
+    AU thresholds are never tuned on the split being scored, since that would flatter it.
+
+    Writes `<root>/eval/<stem>.json` and the report in `<root>/eval/<stem>/` (`output_stem`;
+    root: `workdir`, or the run folder holding the checkpoint), logs the tables, and returns
+    the metrics with "step".
+
+    Raises:
+      UserError: no such checkpoint, evaluator or split; a config that does not fit the
+        checkpoint.
+    """
+    manager, step, saved, root = checkpoint_location(workdir, checkpoint, step)
+    try:
+        if config is None:
+            config = saved
         else:
-            threshold_split = config.train.eval_split
-    mesh = parallel.create_mesh()
-    model, state = restore_checkpoint(workdir, config, step, mesh)
-    results, (outputs, labels) = evaluate(model, state, config, split, mesh,
-                                          threshold_split=threshold_split, return_arrays=True)
+            config_checks.validate(config)
+            problem = config_checks.shape_change(saved, config, step)
+            if problem:
+                raise ConfigError(problem, header="this config does not fit the checkpoint")
+            for difference in config_checks.differences(saved, config):
+                log.info("evaluating with %s", config_checks.format_difference(*difference))
+        chosen = _chosen(config, names, split)
+        mesh = parallel.create_mesh()
+        model, state = restore_checkpoint(root, config, step, mesh, manager=manager)
+    except BaseException:
+        manager.close()
+        raise
+    results, predictions = evaluate(model, state, config, mesh, chosen, return_predictions=True)
     results["step"] = float(step)
     if jax.process_index() == 0:
-        out = workdir / "eval" / f"{split}_step{step}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True))
-        log.info("checkpoint of step %d on %r:\n%s", step, split,
-                 format_report(results, split, threshold_split))
-        log.info("metrics written to %s", out.absolute())
-        report.report_for_evaluation(results, split, out.with_suffix(""), outputs,
-                                     labels, workdir)
+        stem = output_stem(chosen, names, step)
+        log.info("checkpoint of step %d (%s):\n%s", step, ", ".join(e.name for e in chosen),
+                 format_round(results, chosen))
+        write_outputs(results, chosen, predictions, root / "eval" / f"{stem}.json",
+                      root / "eval" / stem, root)
     return results

@@ -26,7 +26,6 @@ import numpy as np
 
 from fbnet_jax import checkpointing, taxonomy
 from fbnet_jax import state as state_lib
-from fbnet_jax.errors import UserError
 
 # Model input = uint8 pixel * SCALE + OFFSET: 0 -> -1, 128 -> 0, 255 -> 127/128.
 SCALE = 1.0 / 128.0
@@ -66,14 +65,7 @@ class InferenceModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> InferenceModel:
         """A checkpoint directory on its own (`<workdir>/checkpoints/<step>`, copied anywhere)."""
-        path = Path(path)
-        if not path.is_dir() or not path.name.isdigit():
-            raise UserError(f"--checkpoint {path}: not a checkpoint directory (its name is the "
-                            f"step, e.g. <workdir>/checkpoints/400)")
-        import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-        manager = ocp.CheckpointManager(path.parent.absolute(), options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False))
-        step = int(path.name)
+        manager, step = checkpointing.open_checkpoint(path)
         try:
             config = checkpointing.read_config(manager, step)
         except Exception:

@@ -7,9 +7,13 @@
       latest checkpoint; SIGTERM or Ctrl-C saves a checkpoint and stops (Ctrl-C twice: at once).
       On several hosts, start one process per host with --coordinator_address HOST:PORT
       --num_processes N --process_id I (or under srun / on a Cloud TPU slice, with none of them).
-  fbnet eval --workdir DIR [--split SPLIT] [--step N] [--config.FIELD=VALUE ...]
-      Re-evaluates the latest (or given) checkpoint of a run with the config stored in it;
-      --config.FIELD=VALUE changes evaluation settings (e.g. data.eval_batch_size).
+  fbnet eval (--workdir DIR [--step N] | --checkpoint DIR/checkpoints/N) [--evals NAME,...]
+             [--split SPLIT] [--config FILE[:VARIANT]] [--config.FIELD=VALUE ...]
+      Runs the evaluators of the config (config.evals; default: the final ones) on the latest
+      (or given) checkpoint of a run, with the config stored in it, or the config FILE (which
+      must build the same network), and writes the metrics and a report under DIR/eval/;
+      --split runs them on another split; --config.FIELD=VALUE changes a setting (e.g.
+      data.eval_batch_size).
   fbnet relatedness --out FILE [--config FILE[:VARIANT]] [--min_count N] [--max_examples N]
                     [--config.FIELD=VALUE ...]
       Counts P(AU active | expression) on the training data of the config's sources that label
@@ -72,8 +76,10 @@ HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml",
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Work directory of the run (train: default runs/<name>-<time>).")
-_SPLIT = flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the config's "
-                             "train.test_split); compare: the split to compare.")
+_SPLIT = flags.DEFINE_string("split", None, "eval: run the evaluators on this split instead of "
+                             "their own; compare: the split to compare.")
+_EVALS = flags.DEFINE_list("evals", None, "eval: the evaluators of config.evals to run, "
+                           "comma-separated (default: those with final=True).")
 _STEP = flags.DEFINE_integer("step", None, "eval, export, predict: the checkpoint step "
                              "(default: the latest).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -110,8 +116,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     lower_bound=0)
 _FORMAT = flags.DEFINE_string("format", None, "export: onnx, stablehlo, savedmodel or "
                               "safetensors.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export: a checkpoint directory on its own "
-                                  "(<workdir>/checkpoints/<step>), instead of --workdir.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export, eval: a checkpoint directory on "
+                                  "its own (<workdir>/checkpoints/<step>), instead of --workdir.")
 _DETECT = flags.DEFINE_bool("detect", True, "predict: find the faces in each image (OpenCV's "
                             "Haar cascade); --no-detect for images that are face crops already.")
 _STRIDE = flags.DEFINE_integer("stride", 1, "predict: every N-th frame of a video.", lower_bound=1)
@@ -219,7 +225,8 @@ def _parse(argv: list[str]) -> tuple[str, object]:
 
     train, relatedness: the config comes from --config FILE[:VARIANT] (default: the shipped
     synthetic one).
-    eval: it is the config stored with the checkpoint being evaluated (--workdir, --step).
+    eval: it is the config stored with the checkpoint being evaluated (--workdir and --step, or
+    --checkpoint), or --config FILE when given (checked against the checkpoint later).
     In all, `--config.FIELD=VALUE` overrides are checked against that config.
     """
     spec, argv = _option_value(argv, "config")
@@ -232,15 +239,12 @@ def _parse(argv: list[str]) -> tuple[str, object]:
         return command, _parse_plain(command, spec, argv)
     if command in ("train", "relatedness"):
         config = config_files.load(spec or config_files.DEFAULT)
+    elif spec is not None:
+        config = config_files.load(spec)
     else:
-        if spec is not None:
-            raise UserError("fbnet eval evaluates with the config stored in the checkpoint; it "
-                            "takes no --config FILE (change a field with --config.FIELD=VALUE)")
-        if not _WORKDIR.value:
-            raise UserError("fbnet eval needs --workdir (the folder of a training run)")
         from fbnet_jax import evaluate  # pylint: disable=g-import-not-at-top
         logs.quiet_libraries()
-        config, _ = evaluate.checkpoint_config(_WORKDIR.value, _STEP.value)
+        config = evaluate.stored_config(_WORKDIR.value, _CHECKPOINT.value, _STEP.value)
     _check_overrides(argv, config)
     try:  # the overrides are parsed both here (named in sys_argv) and by FLAGS(argv)
         holder = config_flags.DEFINE_config_dict(
@@ -257,7 +261,8 @@ def _parse(argv: list[str]) -> tuple[str, object]:
 COMMAND_FLAGS = {
     "train": ("workdir", "allow_config_change", "coordinator_address", "num_processes",
               "process_id"),
-    "eval": ("workdir", "split", "step", "coordinator_address", "num_processes", "process_id"),
+    "eval": ("workdir", "checkpoint", "evals", "split", "step", "coordinator_address",
+             "num_processes", "process_id"),
     "relatedness": ("out", "min_count", "max_examples"),
     "prepare": ("dataset", "manual_dir", "data_dir", "option", "strict"),
     "export": ("workdir", "step", "checkpoint", "format", "out"),
@@ -387,7 +392,8 @@ def main(command: str, config) -> int:
             return EXIT_STOPPED
     else:
         evaluate.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
-                                  config=config)
+                                  config=config, checkpoint=_CHECKPOINT.value,
+                                  names=_EVALS.value)
     return 0
 
 

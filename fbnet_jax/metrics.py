@@ -358,6 +358,17 @@ def tuned_au_metrics(tune_outputs: Mapping[str, np.ndarray], tune_batch: Mapping
     return results
 
 
+def tuned_au_metric_names(aus: Sequence[int] = taxonomy.AUS,
+                          prefix: str = "test") -> tuple[str, ...]:
+    """Every key `tuned_au_metrics` returns for these AUs, sorted (computed by it on a made-up
+    set in which every AU is labelled, like `metric_names`)."""
+    rows = np.arange(4)
+    batch = {"au": (rows[:, None] + np.arange(len(aus))) % 2.0,
+             "au_mask": np.ones((4, len(aus))), "valid": np.ones(4)}
+    outputs = {"au_logits": np.zeros((4, len(aus)))}
+    return tuple(sorted(tuned_au_metrics(outputs, batch, outputs, batch, aus, prefix)))
+
+
 def confusion_matrices(outputs: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
                        source_names: Sequence[str], prefix: str = "test") -> dict[str, np.ndarray]:
     """The confusion matrices (rows true) that `evaluate_arrays` leaves out, for reports.

@@ -10,6 +10,10 @@ and at tuned thresholds, predicted against true valence and arousal, the headlin
 source, and the run's training curves. A plot whose data is absent (no VA label in the split, no
 predictions given, no run directory) is left out and the report says why; nothing is drawn empty.
 
+Results with the zero- and few-shot compound metrics of fbnet_jax/compound.py get one more
+section, with their tables and a plot of UAR against k (fbnet_jax/report_compound.py); other
+results get no trace of it.
+
 The training curves come from the run's `train.log`, not from its TensorBoard event files: every
 run has that one text file, in a format this package writes (fbnet_jax/train.py), and it reads
 with no dependency, whereas the event files need the `tensorboard` package (a test extra) or a
@@ -53,6 +57,7 @@ FIGURE_SIZES = {
     "va_histograms": (10, 5),
     "sources": (9, 5),
     "training_curves": (9, 10),
+    "compound_few_shot": (9, 5),
 }
 VA_BINS = 20  # per axis of the predicted-vs-true histograms over [-1, 1]
 
@@ -140,11 +145,15 @@ def _cell(value: Any, metric: str) -> str:
 
 def task_table(results: Mapping[str, Any], split: str, task: str,
                columns: tuple[tuple[str, str], ...]) -> Table | None:
-    """One row per subset with a metric of `task`; None when no subset has one."""
+    """One row per subset with a metric of `task`; None when no subset has one.
+
+    A count alone makes no row: the compound evaluation (fbnet_jax/compound.py) reports
+    `compound_count` beside metrics of its own, which are not this table's.
+    """
     rows = []
     for name, prefix in subsets(results, split):
         values = [results.get(f"{prefix}{task}_{metric}") for metric, _ in columns]
-        if any(v is not None for v in values):
+        if any(v is not None for v, (m, _) in zip(values, columns) if not m.endswith("count")):
             rows.append((name, *(_cell(v, m) for v, (m, _) in zip(values, columns))))
     return Table(("subset", *(h for _, h in columns)), tuple(rows)) if rows else None
 
@@ -389,7 +398,10 @@ def _va_plot(results, split, arrays) -> Plot:
 
 def _sources_plot(results, split) -> Plot:
     title = "Headline metrics per source"
-    rows = subsets(results, split)
+    # A source with no headline metric (only compound ones, say) would be a legend entry without
+    # a bar.
+    rows = [(name, prefix) for name, prefix in subsets(results, split) if name == "all" or any(
+        f"{prefix}{key}" in results for key, _ in HEADLINE_METRICS)]
     if len(rows) < 2:
         return Plot("sources", title, None, "the results hold no per-source metrics")
     columns = [(key, label) for key, label in HEADLINE_METRICS
@@ -468,8 +480,10 @@ def make_plots(results: Mapping[str, Any], split: str,
 # Rendering.
 
 
-def _blocks(results, split, plots, title) -> list[Any]:
-    """The report as a list of ("h1"|"h2"|"h3"|"p", text), Table and Plot."""
+def _blocks(results, split, plots, compound_plot, title) -> list[Any]:
+    """The report as a list of ("h1"|"h2"|"h3"|"h4"|"p", text), Table and Plot."""
+    # Here, not at the top: fbnet_jax/report_compound.py imports this module.
+    from fbnet_jax import report_compound  # pylint: disable=g-import-not-at-top
     step = results.get("step")
     blocks: list[Any] = [("h1", title), ("p", f"Split `{split}`" + (
         f", checkpoint of step {int(step)}." if step is not None else "."))]
@@ -485,11 +499,15 @@ def _blocks(results, split, plots, title) -> list[Any]:
                            ("Tuned AU thresholds (whole split)", tuned_au_table(results, split))):
         if table:
             blocks += [("h3", heading), table]
+    blocks += report_compound.compound_blocks(results, compound_plot)
     blocks.append(("h2", "Plots"))
     for plot in plots:
         blocks += [("h3", plot.title), plot]
     blocks += [("h2", "All metrics"), all_metrics_table(results)]
     return blocks
+
+
+_MARKDOWN_PREFIXES = {"h1": "# ", "h2": "## ", "h3": "### ", "h4": "#### ", "p": ""}
 
 
 def _markdown_cell(text: str) -> str:
@@ -508,7 +526,7 @@ def render_markdown(blocks: list[Any]) -> str:
                          else f"_Not drawn: {block.note}._")
         else:
             kind, text = block
-            lines.append({"h1": "# ", "h2": "## ", "h3": "### ", "p": ""}[kind] + text)
+            lines.append(_MARKDOWN_PREFIXES[kind] + text)
         lines.append("")
     return "\n".join(lines)
 
@@ -556,7 +574,8 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
 
     Args:
       results: flat metrics of an evaluation (`evaluate.evaluate`, a `metrics.json`): keys
-        `{split}/...` and `{split}/{source}/...`, and optionally "step".
+        `{split}/...` and `{split}/{source}/...`, and optionally "step"; compound zero- and
+        few-shot keys (fbnet_jax/compound.py) of any split get a section of their own.
       split: the split of `results` to report.
       out_dir: created if needed. PNGs of plots left out this time are removed from it, so it
         never shows a stale plot.
@@ -578,14 +597,17 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
     title = title or f"Evaluation on {split}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Here, not at the top: fbnet_jax/report_compound.py imports this module.
+    from fbnet_jax import report_compound  # pylint: disable=g-import-not-at-top
     plots = make_plots(results, split, arrays, workdir)
-    for plot in plots:
+    compound_plot = report_compound.few_shot_plot(results)
+    for plot in plots + [compound_plot]:
         path = out_dir / plot.file_name
         if plot.png:
             path.write_bytes(plot.png)
         else:
             path.unlink(missing_ok=True)
-    blocks = _blocks(results, split, plots, title)
+    blocks = _blocks(results, split, plots, compound_plot, title)
     md_path, html_path = out_dir / MARKDOWN_FILE, out_dir / HTML_FILE
     md_path.write_text(render_markdown(blocks), encoding="utf-8")
     html_path.write_text(render_html(blocks, title), encoding="utf-8")

@@ -36,8 +36,8 @@ import tensorboardX
 from clu import parameter_overview
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, evaluate, logs, losses, parallel, relatedness
-from fbnet_jax import report
+from fbnet_jax import checkpointing, config_checks, evaluate, evaluators, logs, losses, parallel
+from fbnet_jax import relatedness
 from fbnet_jax import metrics as metrics_lib
 from fbnet_jax.errors import ConfigError, UserError
 from fbnet_jax.state import TrainState, create_state
@@ -270,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """Trains, evaluates periodically and at the end, and returns the final test metrics.
 
     Leaves in `workdir`: `config.json`, `train.log`, `checkpoints/` (orbax), `tensorboard/`
-    (event files) and `metrics.json` (flat, the final evaluation on `config.train.test_split`).
+    (event files) and `metrics.json` (flat, the metrics of the final evaluators of `config.evals`).
     A work directory with checkpoints is continued from its latest one; a finished run is not
     trained again (its final metrics are returned, or computed if they are missing).
 
@@ -457,13 +457,13 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
 def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
     """A restart of a run whose training is complete: its final metrics, computed if missing."""
     saved = Path(workdir) / "metrics.json"
-    split = config.train.test_split
     if saved.exists():
         metrics = json.loads(saved.read_text())
-        if metrics.get("step") == step and any(k.startswith(f"{split}/") for k in metrics):
+        if metrics.get("step") == step:
+            final = [e for e in evaluators.from_config(config) if e.final]
             log.info("the run is complete (step %d of %d); its final evaluation (%s):\n%s",
-                     step, config.train.num_steps, saved.absolute(), evaluate.format_report(
-                         metrics, split, config.train.eval_split))
+                     step, config.train.num_steps, saved.absolute(),
+                     evaluate.format_round(metrics, final))
             log.info("to evaluate it again or on another split: fbnet eval --workdir %s", workdir)
             return metrics
     log.info("the run finished training (step %d) but has no final evaluation: evaluating now",
@@ -472,25 +472,29 @@ def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
     return _final_evaluation(config, workdir, mesh, model, state, step, None, stop)
 
 
-def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fn=None):
-    train_cfg = config.train
-    threshold_split = train_cfg.eval_split if train_cfg.tune_au_thresholds else None
+def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fns=None):
+    """The final evaluators (`final=True`) into metrics.json and the report."""
+    final_evaluators = [e for e in evaluators.from_config(config) if e.final]
     try:
-        final, (outputs, labels) = evaluate.evaluate(
-            model, state, config, train_cfg.test_split, mesh, threshold_split=threshold_split,
-            predict_fn=predict_fn, should_stop=stop.requested, return_arrays=True)
+        final, predictions = evaluate.evaluate(
+            model, state, config, mesh, final_evaluators, predict_fns=predict_fns,
+            should_stop=stop.requested, return_predictions=True)
     except evaluate.Interrupted:
-        return TrainingStopped(step, train_cfg.num_steps, stop.reason, workdir, trained=True)
+        return TrainingStopped(step, config.train.num_steps, stop.reason, workdir, trained=True)
     final["step"] = float(step)
     _write_scalars(writer, step, final)
+    if final_evaluators:
+        log.info("final evaluation (step %d: %s):\n%s", step,
+                 ", ".join(e.name for e in final_evaluators),
+                 evaluate.format_round(final, final_evaluators))
     if jax.process_index() == 0:
-        (Path(workdir) / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-    log.info("final evaluation on %r (step %d):\n%s", train_cfg.test_split, step,
-             evaluate.format_report(final, train_cfg.test_split, threshold_split))
-    if jax.process_index() == 0:
-        report.report_for_evaluation(final, train_cfg.test_split,
-                                     Path(workdir) / REPORT_DIR, outputs, labels, workdir)
-    log.info("finished; metrics written to %s", Path(workdir).absolute() / "metrics.json")
+        workdir = Path(workdir)
+        if final_evaluators:
+            evaluate.write_outputs(final, final_evaluators, predictions,
+                                   workdir / "metrics.json", workdir / REPORT_DIR, workdir)
+        else:
+            (workdir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+    log.info("finished")
     return final
 
 
@@ -539,7 +543,8 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
     running = metrics_lib.StepMeans.empty()  # step metrics since the last log, on device
     names = pipeline.source_names(config.data)
     seen = np.zeros(len(names), np.int64)  # this process's examples per source since the log
-    predict_fn = evaluate.make_predict_fn(model)  # compiled once for every evaluation
+    periodic = [e for e in evaluators.from_config(config) if e.every]
+    predict_fns = {}  # compiled once for every evaluation (evaluate.Predictions)
     last_checkpoint = manager.latest_step()
     interval_start, interval_step = time.perf_counter(), step
     flushed_step, skip_run = step, 0  # the last flush; skipped steps in a row up to it
@@ -619,18 +624,19 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         if step % train_cfg.log_every == 0:
             flush(step)
         eval_metrics = None
-        if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < num_steps:
+        due = [e for e in periodic if e.runs_at(step, num_steps)]
+        if due:
             flush(step)
             try:
                 eval_metrics = evaluate.evaluate(model, train_step.global_state(state), config,
-                                                 train_cfg.eval_split,
-                                                 mesh, predict_fn=predict_fn,
+                                                 mesh, due, predict_fns=predict_fns,
                                                  should_stop=stop.requested)
             except evaluate.Interrupted:
                 log.info("evaluation at step %d abandoned", step)
             else:
                 _write_scalars(writer, step, eval_metrics)
-                log.info("%s", evaluate.format_summary(eval_metrics, train_cfg.eval_split))
+                for line in evaluate.format_summaries(eval_metrics, due):
+                    log.info("%s", line)
                 best = train_cfg.best_metric
                 if best and best not in eval_metrics and not best_metric_missing_warned:
                     log.warning("train.best_metric %r is not among the metrics of this "
@@ -655,4 +661,4 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         manager.wait_until_finished()
         return TrainingStopped(step, num_steps, "train.stop_after_steps", workdir)
     return _final_evaluation(config, workdir, mesh, model, train_step.global_state(state), step,
-                             writer, stop, predict_fn)
+                             writer, stop, predict_fns)

@@ -48,7 +48,7 @@ def train_tiny_run(path, num_steps: int = 2):
     config = load_config("synthetic.py", "tiny")
     config.train.num_steps = num_steps
     config.train.checkpoint_every = num_steps
-    config.train.eval_every = 0
+    config.evals.validation.every = 0
     config.train.best_metric = ""
     train.train_and_evaluate(config, path)
     return path

@@ -25,7 +25,7 @@ from fbnet_jax import checkpointing, parallel, train
 from fbnet_jax import state as state_lib
 
 # Checkpoints at 2, 4 and 6; dropout makes the restored rng matter too.
-OVERRIDES = {"train.num_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 0,
+OVERRIDES = {"train.num_steps": 6, "train.checkpoint_every": 2, "evals.validation.every": 0,
              "train.best_metric": "", "model.backbones.small_cnn.dropout": 0.2}
 KILLED_STEP = 4
 TMP_MARK = ".orbax-checkpoint-tmp"

@@ -1,14 +1,12 @@
 """Zero- and few-shot compound expressions (fbnet_jax/compound.py)."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from conftest import load_config
-from fbnet_jax import compound, taxonomy, train
+from fbnet_jax import compound, taxonomy
 
 CLASSES = np.arange(compound.NUM_CLASSES)
 
@@ -87,8 +85,8 @@ def test_zero_shot_metrics_are_exact_and_use_only_labelled_rows_of_each_source()
     labels = np.concatenate([CLASSES, [0, 0, 0, 0]])
     batch = _batch(labels, source=[0] * 14 + [1], valid=np.r_[np.ones(12), 0, 1, 1],
                    mask=np.r_[np.ones(13), 0, 1])
-    results = compound.compound_evaluation(_outputs_from_table(evidence), batch, ["a", "b"],
-                                           prefix="test")
+    results = compound.zero_shot_evaluation(_outputs_from_table(evidence), batch, ["a", "b"],
+                                            prefix="test")
     p = "test/a/compound_"
     assert results == pytest.approx({
         f"{p}count": 12.0, f"{p}chance_uar": 1 / 11,
@@ -102,7 +100,12 @@ def test_zero_shot_metrics_are_exact_and_use_only_labelled_rows_of_each_source()
         "test/b/compound_zero_shot_accuracy": 0.0, "test/b/compound_zero_shot_uar": 0.0,
         "test/b/compound_zero_shot_macro_f1": 0.0, "test/b/compound_zero_shot_au_uar": 0.0,
         "test/b/compound_zero_shot_expression_uar": 0.0,
-    }, abs=1e-12)   # no few-shot key: no k has 2 classes with k + 1 faces
+    }, abs=1e-12)
+    # Few-shot on the same rows: no k has 2 classes with k + 1 faces, so only the counts.
+    assert compound.few_shot_evaluation(_outputs_from_table(evidence), batch, ["a", "b"],
+                                        prefix="test") == {
+        f"{p}count": 12.0, f"{p}chance_uar": 1 / 11,
+        "test/b/compound_count": 1.0, "test/b/compound_chance_uar": 1 / 11}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,55 +197,31 @@ def test_keys_are_exact_and_few_shot_values_come_from_few_shot():
     features, labels = _clusters(per_class=8)
     outputs = _outputs_from_table(labels, features)
     batch = _batch(labels, source=np.ones(len(labels), int))
-    results = compound.compound_evaluation(outputs, batch, ["basic", "compound"], prefix="val",
-                                           ks=(1, 5), draws=2, seed=7)
-    assert set(results) == _expected_keys("val", "compound", (1, 5))
-    assert results["val/compound/compound_few_shot_k5_classes"] == 11
+    zero = compound.zero_shot_evaluation(outputs, batch, ["basic", "compound"], prefix="val")
+    few = compound.few_shot_evaluation(outputs, batch, ["basic", "compound"], prefix="val",
+                                       ks=(1, 5), draws=2, seed=7)
+    p = "val/compound/compound_"
+    assert set(zero) | set(few) == _expected_keys("val", "compound", (1, 5))
+    assert not any("few_shot" in key for key in zero)
+    assert {key for key in few if "few_shot" not in key} == {p + "count", p + "chance_uar"}
+    assert few[p + "few_shot_k5_classes"] == 11
     shot = compound.few_shot(features, labels, k=5, draws=2, seed=7)
-    assert results["val/compound/compound_few_shot_ncm_k5_uar_std"] == shot["ncm_uar_std"]
-    assert results["val/compound/compound_few_shot_k5_uar"] == shot["linear_uar"] == 1.0
+    assert few[p + "few_shot_ncm_k5_uar_std"] == shot["ncm_uar_std"]
+    assert few[p + "few_shot_k5_uar"] == shot["linear_uar"] == 1.0
 
 
-def test_compound_config_adds_the_source_and_leaves_the_run_config_alone(tiny_config):
-    before = tiny_config.to_json()
-    alone = compound.compound_config(tiny_config, split="test", size=50)
-    assert list(alone.data.sources) == [compound.SOURCE_NAME]
-    source = alone.data.sources[compound.SOURCE_NAME]
-    assert (source.weight, source.test_size, source.synthetic.compound) == (0.0, 50, True)
-    both = compound.compound_config(tiny_config, split="probe", size=9, keep_sources=True)
-    assert set(both.data.sources) == set(tiny_config.data.sources) | {compound.SOURCE_NAME}
-    assert both.data.sources[compound.SOURCE_NAME].probe_size == 9
-    assert tiny_config.to_json() == before
-    with pytest.raises(compound.UserError, match="already has a source"):
-        compound.compound_config(both)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("compound_run")
-    train.train_and_evaluate(load_config("synthetic.py", "tiny"), workdir)
-    return workdir
-
-
-def test_the_entry_evaluates_a_trained_run(tiny_run, capsys):
-    results = compound.main(["--workdir", str(tiny_run), "--size", "150", "--draws", "2"])
-    written = json.loads((tiny_run / "eval" / "compound_test_step4.json").read_text())
-    assert written == results
-    assert set(results) == _expected_keys("test", compound.SOURCE_NAME, compound.KS) | {"step"}
-    assert results["step"] == 4
-    p = f"test/{compound.SOURCE_NAME}/compound_"
-    assert results[p + "count"] == 150
-    for key, value in results.items():
-        if not key.endswith(("_count", "_classes", "step")):
-            assert 0.0 <= value <= 1.0, key
-    assert 2 <= results[p + "few_shot_k10_classes"] <= 11
-    report = capsys.readouterr().out
-    assert "150 compound faces, 11 classes, chance UAR 0.0909" in report
-    assert "metrics written to" in report
-
-
-def test_the_entry_names_a_missing_checkpoint(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        compound.main(["--workdir", str(tmp_path), "--output", str(tmp_path / "m.json")])
-    assert exit_info.value.code == 2
-    assert "no checkpoint to evaluate" in capsys.readouterr().err
+def test_the_console_report_shows_what_was_measured():
+    features, labels = _clusters(per_class=8)
+    outputs = _outputs_from_table(labels, features)
+    batch = _batch(labels)
+    zero = compound.zero_shot_evaluation(outputs, batch, ["s"], prefix="test")
+    few = compound.few_shot_evaluation(outputs, batch, ["s"], prefix="test", ks=(1, 5), draws=2)
+    lines = compound.format_report({**zero, **few}, "test").splitlines()
+    assert lines[0] == "s: 88 compound faces, 11 classes, chance UAR 0.0909"
+    assert lines[1].split() == ["zero-shot", "|", "accuracy", "|", "UAR", "|", "macro", "F1"]
+    assert lines[2].split()[-5:] == ["1.0000", "|", "1.0000", "|", "1.0000"]
+    assert [line.split()[0] for line in lines[5:]] == ["few-shot", "1", "5"]
+    only_zero = compound.format_report(zero, "test")
+    assert "few-shot" not in only_zero and "zero-shot" in only_zero
+    only_few = compound.format_report(few, "test")
+    assert "zero-shot" not in only_few and only_few.splitlines()[1].startswith("  few-shot")

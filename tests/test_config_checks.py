@@ -16,13 +16,13 @@ def test_the_shipped_configs_are_valid(tiny_config):
 
 # (field, value, the exact problem line)
 BAD_FIELDS = [
-    ("train.test_split", "tset", "train.test_split: 'tset' is not a split of affectnet_like, "
-                                 "affwild2_like, rafdb_like (splits every source has: test, "
-                                 "train, validation)"),
+    ("evals.test.split", "tset", "evals.test.split: 'tset' is not a split of affectnet_like, "
+                                 "affwild2_like, rafdb_like (splits of every source it reads: "
+                                 "test, validation)"),
     ("optimizer.learning_rate", -1e-3, "optimizer.learning_rate: must be > 0, got -0.001"),
     ("train.checkpoint_every", 0, "train.checkpoint_every: must be >= 1, got 0"),
     ("train.log_every", 0, "train.log_every: must be >= 1, got 0"),
-    ("train.eval_every", -1, "train.eval_every: must be >= 0, got -1"),
+    ("evals.validation.every", -1, "evals.validation.every: must be an integer >= 0, got -1"),
     ("train.num_steps", 0, "train.num_steps: must be >= 1, got 0"),
     ("train.best_mode", "maximum", "train.best_mode: 'maximum' is not one of 'max', 'min'"),
     ("model.backbone", "resnet", "model.backbone: unknown backbone 'resnet'; known: small_cnn, "
@@ -74,7 +74,8 @@ def test_a_misspelt_best_metric_is_refused_with_examples(tiny_config):
         config_checks.validate(tiny_config, num_devices=1)
     (problem,) = raised.value.problems
     assert problem.startswith("train.best_metric: 'validation/expression_acc' is not a metric of "
-                              "the periodic evaluation on 'validation'; for example ")
+                              "any evaluator that runs during training (validation); for "
+                              "example ")
     assert "validation/expression_accuracy" in problem
 
 
@@ -97,17 +98,17 @@ def test_an_image_size_the_backbone_cannot_take_is_a_config_error(tiny_config):
 
 
 def test_tuning_thresholds_on_the_scored_split_is_refused(tiny_config):
-    tiny_config.train.eval_split = "test"
-    with pytest.raises(ConfigError, match="train.tune_au_thresholds: thresholds are tuned on "
-                                          "train.eval_split, which is the split scored"):
+    tiny_config.evals.test.au_thresholds_from = "test"
+    with pytest.raises(ConfigError, match=r"evals.test.au_thresholds_from: thresholds tuned on "
+                                          r"the split being scored \('test'\) would flatter it"):
         config_checks.validate(tiny_config, num_devices=1)
 
 
 def test_best_metric_without_periodic_evaluation_is_a_warning(tiny_config):
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     assert config_checks.validate(tiny_config, num_devices=1) == [
-        "train.best_metric is 'validation/expression_accuracy' but train.eval_every is 0: "
-        "without periodic evaluations no best checkpoint is kept"]
+        "train.best_metric is 'validation/expression_accuracy', a metric of validation, which "
+        "never runs during training (every = 0): no best checkpoint is kept"]
 
 
 def test_metric_names_are_exactly_the_keys_of_a_fully_labelled_evaluation(tiny_config):

@@ -72,7 +72,7 @@ def test_the_installed_command_trains_from_another_directory(installed, tmp_path
     for name in ("synthetic:tiny", "configs/synthetic.py:tiny"):  # by name, as in the README
         result = _run(installed, tmp_path, str(fbnet), "train", "--config", name,
                       "--workdir", f"runs/{name.split(':')[0].replace('/', '_')}",
-                      "--config.train.num_steps=2", "--config.train.eval_every=0")
+                      "--config.train.num_steps=2", "--config.evals.validation.every=0")
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "runs" / "synthetic" / "metrics.json").exists()
     assert (tmp_path / "runs" / "configs_synthetic.py" / "metrics.json").exists()

@@ -24,7 +24,7 @@ def _fbnet(*args, env_extra=None, new_session=False):
 def test_train_then_eval_from_the_command_line(tmp_path):
     workdir = tmp_path / "run"
     process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                     "--config.train.num_steps=3", "--config.train.eval_every=0")
+                     "--config.train.num_steps=3", "--config.evals.validation.every=0")
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
     assert "steps/s" in out and "ex/s" in out and "ETA" in out  # the progress line
@@ -76,7 +76,7 @@ def _until(process, text, lines, timeout=240):
 
 def _long_run(workdir):
     return _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                  "--config.train.num_steps=100000", "--config.train.eval_every=0",
+                  "--config.train.num_steps=100000", "--config.evals.validation.every=0",
                   "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
 
 
@@ -114,7 +114,7 @@ def test_ctrl_c_in_a_terminal_stops_cleanly_with_worker_processes(tmp_path):
     # A terminal sends SIGINT to the whole process group, grain's workers included.
     workdir = tmp_path / "run"
     process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                     "--config.train.num_steps=100000", "--config.train.eval_every=0",
+                     "--config.train.num_steps=100000", "--config.evals.validation.every=0",
                      "--config.train.log_every=1", "--config.data.num_workers=2",
                      new_session=True)
     lines = []
@@ -130,7 +130,7 @@ def test_ctrl_c_in_a_terminal_stops_cleanly_with_worker_processes(tmp_path):
 def test_stop_after_steps_is_not_success(tmp_path):
     workdir = tmp_path / "run"
     process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                     "--config.train.stop_after_steps=2", "--config.train.eval_every=0")
+                     "--config.train.stop_after_steps=2", "--config.evals.validation.every=0")
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 75, out
     assert out.rstrip().splitlines()[-1].endswith(
@@ -185,7 +185,8 @@ USER_ERRORS = [
      "--coordinator_address, --num_processes and --process_id"),
     (["train", "--config", "synthetic:tiny", "--coordinator_address", "h:1", "--num_processes",
       "2", "--process_id", "2"], "--process_id 2 is not in 0..1 (--num_processes 2)"),
-    (["eval"], "fbnet eval needs --workdir (the folder of a training run)"),
+    (["eval"], "fbnet eval takes --workdir DIR (with --step N to pick a checkpoint) or "
+               "--checkpoint PATH, one of the two"),
     (["eval", "--workdir", "/nonexistent/run"], "--workdir /nonexistent/run: no such directory"),
     (["prepare", "--dataset", "rafdb", "--data_dir", "WORKDIR"],
      "fbnet prepare needs --manual_dir"),
@@ -202,8 +203,10 @@ USER_ERRORS = [
     (["train", "--config", "paper_vgg:rafdb", "--config.data.sources.rafdb.root=/no/such"],
      "invalid config: data.sources.rafdb.root: /no/such does not exist"),
     (["eval", "--workdir", "WORKDIR", "--config", "synthetic"],
-     "fbnet eval evaluates with the config stored in the checkpoint; it takes no --config FILE "
-     "(change a field with --config.FIELD=VALUE)"),
+     "WORKDIR/checkpoints: no checkpoint to evaluate; is WORKDIR the work directory of a run "
+     "that saved one?"),
+    (["eval", "--checkpoint", "WORKDIR"], "--checkpoint WORKDIR: not a checkpoint directory (its "
+                                          "name is the step, e.g. <workdir>/checkpoints/400)"),
 ]
 
 
@@ -220,14 +223,14 @@ def test_user_mistakes_are_one_line(tmp_path, args, message):
 def test_a_config_mistake_fails_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
     process = _fbnet("train", "--config", "synthetic:tiny", "--workdir", str(workdir),
-                     "--config.train.test_split=tset", "--config.model.backbone=resnet")
+                     "--config.evals.test.split=tset", "--config.model.backbone=resnet")
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 2, out
     assert out.strip().splitlines() == [
         "fbnet: error: invalid config:",
-        "  - train.test_split: 'tset' is not a split of affectnet_like, affwild2_like, rafdb_like "
-        "(splits every source has: test, train, validation)",
-        "  - model.backbone: unknown backbone 'resnet'; known: small_cnn, vgg_face, resnet50"]
+        "  - model.backbone: unknown backbone 'resnet'; known: small_cnn, vgg_face, resnet50",
+        "  - evals.test.split: 'tset' is not a split of affectnet_like, affwild2_like, rafdb_like "
+        "(splits of every source it reads: test, validation)"]
     assert not workdir.exists()
 
 
@@ -292,13 +295,25 @@ def test_restarts_and_eval_of_a_run(tmp_path):
     assert "validation/au_tuned_mean_f1" not in json.loads(
         (workdir / "eval" / "validation_step4.json").read_text())
 
+    # A checkpoint directory on its own, one evaluator by name: a partial result of its own name.
+    process = _fbnet("eval", "--checkpoint", str(workdir / "checkpoints" / "4"), "--evals",
+                     "validation")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    partial = json.loads((workdir / "eval" / "validation@validation_step4.json").read_text())
+    assert partial == json.loads((workdir / "eval" / "validation_step4.json").read_text())
+
     for args, message in (
             (["--step", "3"], f"--step 3: the run in {workdir} has no checkpoint of that step; it "
                               f"has 2, 4"),
-            (["--split", "nonsense"], "--split 'nonsense' is not a split of every source; the "
-                                      "sources have: test, train, validation"),
-            (["--config.data.image_size=40"], "these overrides do not fit the checkpoint: the train "
-                                              "state in the checkpoint of step 4 has other shapes")):
+            (["--split", "nonsense"], "--split 'nonsense' is not a split of the sources of test "
+                                      "(they have: test, train, validation)"),
+            (["--evals", "test,vlidation"], "--evals: no evaluator named 'vlidation'; "
+                                            "config.evals has test, validation"),
+            (["--config.data.image_size=40"], "this config does not fit the checkpoint: the train "
+                                              "state in the checkpoint of step 4 has other shapes"),
+            (["--config", "synthetic"], "this config does not fit the checkpoint: the train "
+                                        "state in the checkpoint of step 4 has other shapes")):
         process = _fbnet("eval", "--workdir", str(workdir), *args)
         out, _ = process.communicate(timeout=120)
         assert process.returncode == 2, out

@@ -17,7 +17,7 @@ from conftest import REPO
 from fbnet_jax import checkpointing
 
 FLAGS = ["--config", "synthetic:tiny", "--config.train.num_steps=6",
-         "--config.train.log_every=1", "--config.train.eval_every=3",
+         "--config.train.log_every=1", "--config.evals.validation.every=3",
          "--config.train.checkpoint_every=2"]
 STEP_LINE = re.compile(r"step +(\d+)/\d+ .*\| loss ([\d.]+) \| (.*) \| lr")
 
@@ -111,7 +111,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     processes = _start(tmp_path, 2, 2, ["--config.train.num_steps=3000",
                                          "--config.train.checkpoint_every=3000",
                                          "--config.train.log_every=100",
-                                         "--config.train.eval_every=0"])
+                                         "--config.evals.validation.every=0"])
     log_file = tmp_path / "train.log"
     deadline = time.monotonic() + 180
     while not (log_file.exists() and "first step (compilation included)" in log_file.read_text()):

@@ -10,7 +10,7 @@ from fbnet_jax.errors import ConfigError
 
 def test_a_run_logs_its_parameters_compiled_step_and_profile(tiny_config, tmp_path):
     tiny_config.train.num_steps = 4
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     tiny_config.train.profile_steps = 2
     train.train_and_evaluate(tiny_config, tmp_path)
     log = (tmp_path / "train.log").read_text()
@@ -28,7 +28,7 @@ def test_a_run_logs_its_parameters_compiled_step_and_profile(tiny_config, tmp_pa
 
 def test_no_profile_unless_asked(tiny_config, tmp_path):
     tiny_config.train.num_steps = 2
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     train.train_and_evaluate(tiny_config, tmp_path)
     assert not (tmp_path / "profile").exists()
     assert "profile of steps" not in (tmp_path / "train.log").read_text()

@@ -22,9 +22,14 @@ def test_the_paper_recipe():
     assert config.loss.relatedness == "du2014"
     assert not config.loss.distribution_matching.stop_gradient
     assert train.coupling_for(config) is not None
-    # Every synthetic source renders at the model's input size, and all six are mixed.
+    # Every synthetic source renders at the model's input size; six are mixed, and the compound
+    # one is evaluated only, by the compound evaluators.
     sources = config.data.sources
-    assert len(sources) == 6 and all(sources[n].synthetic.image_size == 112 for n in sources)
+    assert all(sources[n].synthetic.image_size == 112 for n in sources)
+    assert len([n for n in sources if sources[n].weight > 0]) == 6
+    assert sources.rafdb_compound_like.weight == 0
+    assert [config.evals[n].sources for n in ("compound_zero_shot", "compound_few_shot")] == [
+        ("rafdb_compound_like",)] * 2
 
 
 def test_the_real_data_variant_has_the_papers_datasets_and_asks_for_their_roots():
@@ -34,7 +39,10 @@ def test_the_real_data_variant_has_the_papers_datasets_and_asks_for_their_roots(
         "affectnet": ("affectnet", 0.16), "rafdb": ("rafdb", 0.06), "expw": ("expw", 0.06),
         "affwild2_expr": ("affwild2", 0.06), "affwild2_au": ("affwild2", 0.10),
         "emotionet": ("emotionet", 0.08), "disfa": ("disfa", 0.06), "bp4d": ("bp4d", 0.06),
-        "bp4d_plus": ("bp4d_plus", 0.06), "affwild2_va": ("affwild2", 0.30)}
+        "bp4d_plus": ("bp4d_plus", 0.06), "affwild2_va": ("affwild2", 0.30),
+        "rafdb_compound": ("rafdb_compound", 0.0)}
+    assert [config.evals[n].sources for n in ("compound_zero_shot", "compound_few_shot")] == [
+        ("rafdb_compound",)] * 2
     assert [sources[n].options.task for n in ("affwild2_expr", "affwild2_au", "affwild2_va")] == [
         "expr", "au", "va"]
     assert abs(sum(sources[n].weight for n in sources) - 1.0) < 1e-9
@@ -49,6 +57,7 @@ def test_the_real_data_variant_has_the_papers_datasets_and_asks_for_their_roots(
 def test_the_real_data_variant_takes_the_datasets_you_hold(tmp_path):
     config = load_config("paper_vgg.py", "rafdb, disfa")
     assert list(config.data.sources) == ["disfa", "rafdb"]
+    assert list(config.evals) == ["test", "validation"]   # no compound set: no compound evals
     with pytest.raises(ValueError, match="unknown variant 'rafdb,fer' of configs/paper_vgg.py"):
         load_config("paper_vgg.py", "rafdb,fer")
 
@@ -67,9 +76,11 @@ def test_it_trains(tmp_path, args):
     if "synthetic:tiny" in args:
         small_splits = [a for a in small_splits
                         if not any(s in a for s in ("emotionet", "disfa", "bp4d"))]
+    else:
+        small_splits.append("--config.data.sources.rafdb_compound_like.test_size=22")
     result = subprocess.run(
         [sys.executable, "-m", "fbnet_jax.main", "train", *args, "--workdir", str(tmp_path),
-         "--config.train.num_steps=2", "--config.train.eval_every=0",
+         "--config.train.num_steps=2", "--config.evals.validation.every=0",
          "--config.data.eval_batch_size=4", *small_splits],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=1200, check=False)

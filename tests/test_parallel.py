@@ -204,7 +204,7 @@ def _inject_nan_at(monkeypatch, steps):
 
 def _nan_run_config(config, policy, limit=10):
     config.train.num_steps = 8
-    config.train.eval_every = 0
+    config.evals.validation.every = 0
     config.train.log_every = 2
     config.train.checkpoint_every = 2
     config.train.best_metric = ""
@@ -254,7 +254,7 @@ from fbnet_jax import checkpointing, state as state_lib, train
 
 def config(mode, stop_after):
     c = load_config("synthetic.py", "tiny")
-    c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 0, 2
+    c.train.num_steps, c.evals.validation.every, c.train.checkpoint_every = 4, 0, 2
     c.train.best_metric, c.train.stop_after_steps = "", stop_after
     c.parallel.mode = mode
     return c

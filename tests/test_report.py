@@ -13,7 +13,8 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from fbnet_jax import checkpointing, compare, evaluate, parallel, report, taxonomy, train
+from fbnet_jax import checkpointing, compare, evaluate, parallel, report, report_compound
+from fbnet_jax import taxonomy, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import UserError
 
@@ -22,6 +23,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_SIZES = {"confusion_matrix.png": (600, 500), "au_f1.png": (900, 500),
              "va_histograms.png": (1000, 500), "sources.png": (900, 500),
              "training_curves.png": (900, 1000)}
+# Drawn only for results with zero- or few-shot compound metrics.
+COMPOUND_PNG_SIZES = {"compound_few_shot.png": (900, 500)}
 
 # Flat metrics as an evaluation writes them: source "a" labels expressions, "b" AUs (AU1 only)
 # and VA; AU thresholds were tuned.
@@ -46,6 +49,34 @@ RESULTS = {
     "test/va_mean_ccc": 0.0625,
     "test/b/va_count": 4.0, "test/b/va_ccc_valence": 0.25, "test/b/va_ccc_arousal": -0.125,
     "test/b/va_mean_ccc": 0.0625,
+}
+
+# The keys of fbnet_jax/compound.py's zero- and few-shot evaluations for source "c" of the test split,
+# which labels nothing else: zero-shot and few-shot at k = 1 and 5 (k = 5 listed first).
+C = "test/c/compound"
+COMPOUND = {
+    f"{C}_count": 48.0, f"{C}_chance_uar": 1 / 11,
+    f"{C}_zero_shot_accuracy": 0.3125, f"{C}_zero_shot_uar": 0.28125,
+    f"{C}_zero_shot_macro_f1": 0.25, f"{C}_zero_shot_au_uar": 0.1875,
+    f"{C}_zero_shot_expression_uar": 0.21875,
+    f"{C}_few_shot_k5_classes": 9.0,
+    f"{C}_few_shot_k5_uar": 0.5, f"{C}_few_shot_k5_uar_std": 0.0625,
+    f"{C}_few_shot_k5_accuracy": 0.53125, f"{C}_few_shot_k5_accuracy_std": 0.03125,
+    f"{C}_few_shot_ncm_k5_uar": 0.4375, f"{C}_few_shot_ncm_k5_uar_std": 0.046875,
+    f"{C}_few_shot_ncm_k5_accuracy": 0.46875, f"{C}_few_shot_ncm_k5_accuracy_std": 0.015625,
+    f"{C}_few_shot_k1_classes": 11.0,
+    f"{C}_few_shot_k1_uar": 0.25, f"{C}_few_shot_k1_uar_std": 0.125,
+    f"{C}_few_shot_k1_accuracy": 0.2578125, f"{C}_few_shot_k1_accuracy_std": 0.1,
+    f"{C}_few_shot_ncm_k1_uar": 0.234375, f"{C}_few_shot_ncm_k1_uar_std": 0.09375,
+    f"{C}_few_shot_ncm_k1_accuracy": 0.2421875, f"{C}_few_shot_ncm_k1_accuracy_std": 0.05,
+}
+# Zero-shot keys only, of another split than the report's.
+COMPOUND_VALIDATION = {
+    "validation/d/compound_count": 20.0, "validation/d/compound_chance_uar": 1 / 11,
+    "validation/d/compound_zero_shot_accuracy": 0.35, "validation/d/compound_zero_shot_uar": 0.3,
+    "validation/d/compound_zero_shot_macro_f1": 0.2,
+    "validation/d/compound_zero_shot_au_uar": 0.15,
+    "validation/d/compound_zero_shot_expression_uar": 0.25,
 }
 
 TRAIN_LOG = """\
@@ -125,6 +156,7 @@ def _embedded_pngs(html_text: str) -> list[bytes]:
 
 def _check_pngs(out, names, html_path):
     """Each named PNG is in `out` with its size and embedded in the HTML, no other PNG is."""
+    sizes = {**PNG_SIZES, **COMPOUND_PNG_SIZES}
     assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
     embedded = _embedded_pngs(html_path.read_text())
     files = [(out / name).read_bytes() for name in names]
@@ -132,7 +164,7 @@ def _check_pngs(out, names, html_path):
     for name, data in zip(names, files):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
         with Image.open(io.BytesIO(data)) as image:
-            assert image.size == PNG_SIZES[name], name
+            assert image.size == sizes[name], name
 
 
 def test_report_files_tables_and_embedded_plots(tmp_path):
@@ -229,6 +261,84 @@ def test_reports_are_reproducible(tmp_path):
         assert b"Software" not in data and b"Matplotlib" not in data
 
 
+def test_compound_section_tables_and_plot(tmp_path):
+    results = {**RESULTS, **COMPOUND, **COMPOUND_VALIDATION}
+    workdir = _workdir(tmp_path)
+    md_path, html_path = report.write_report(results, "test", tmp_path / "with",
+                                             arrays=_arrays(), workdir=workdir)
+    _check_pngs(tmp_path / "with", [*PNG_SIZES, *COMPOUND_PNG_SIZES], html_path)
+    markdown = md_path.read_text()
+    section = markdown.split(f"## {report_compound.HEADING}\n", 1)[1].split("\n## ", 1)[0]
+    assert _section(section, "`c` (test)").strip() == (
+        "48 labelled faces, 11 classes, chance UAR 0.0909.")
+    assert section.split("#### Zero-shot\n", 1)[1].split("\n#", 1)[0].strip().splitlines() == [
+        "| terms | accuracy | UAR | macro F1 |", "|---|---:|---:|---:|",
+        "| AU + expression | 0.3125 | 0.2812 | 0.2500 |",
+        "| AU term only | - | 0.1875 | - |",
+        "| expression term only | - | 0.2188 | - |"]
+    assert section.split("#### Few-shot\n", 1)[1].split("\n#", 1)[0].strip().splitlines() == [
+        "| k | classes | linear UAR | linear accuracy | NCM UAR | NCM accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| 1 | 11 | 0.2500 ± 0.1250 | 0.2578 | 0.2344 ± 0.0938 | 0.2422 |",
+        "| 5 | 9 | 0.5000 ± 0.0625 | 0.5312 | 0.4375 ± 0.0469 | 0.4688 |"]
+    # Another split's source with zero-shot keys only: its tables, no few-shot, no panel.
+    other = section.split("### `d` (validation)\n", 1)[1].split("\n### ", 1)[0]
+    assert "| AU + expression | 0.3500 | 0.3000 | 0.2000 |" in other
+    assert "#### Few-shot\n\nThe results hold no few-shot metric." in other
+    assert _section(section, "Compound expressions: UAR against k").strip().splitlines() == [
+        "![Compound expressions: UAR against k](compound_few_shot.png)", "",
+        "Means over random support sets of k faces per class, error bars one standard "
+        "deviation. No few-shot metric for `d` (validation): no panel."]
+    assert "<h4>Few-shot</h4>" in html_path.read_text()
+    assert markdown.index(f"## {report_compound.HEADING}") > markdown.index("### Tuned AU")
+    assert markdown.index(f"## {report_compound.HEADING}") < markdown.index("## Plots")
+    # Source "c" labels compounds only: no row in the task tables, no bar in the per-source
+    # plot (the same bytes as without it), and no compound-head table from its count.
+    md_without, _ = report.write_report(RESULTS, "test", tmp_path / "without",
+                                        arrays=_arrays(), workdir=workdir)
+    assert markdown.split("## Compound")[0] == md_without.read_text().split("## Plots")[0]
+    assert "### Compound expressions\n" not in markdown
+    assert (tmp_path / "with" / "sources.png").read_bytes() == (
+        tmp_path / "without" / "sources.png").read_bytes()
+    all_metrics = markdown.split("## All metrics\n", 1)[1]
+    assert len(re.findall(r"^\| `", all_metrics, re.M)) == len(results)
+    assert "| `test/c/compound_few_shot_k1_uar` | 0.25 |" in all_metrics
+    # The plot is reproducible.
+    assert report_compound.few_shot_plot(results).png == (
+        tmp_path / "with" / "compound_few_shot.png").read_bytes()
+
+
+def test_without_compound_keys_no_section_and_a_stale_plot_is_removed(tmp_path):
+    out = tmp_path / "report"
+    report.write_report({**RESULTS, **COMPOUND}, "test", out)
+    assert (out / "compound_few_shot.png").is_file()
+    md_path, html_path = report.write_report(RESULTS, "test", out)
+    assert not (out / "compound_few_shot.png").exists()
+    _check_pngs(out, ["au_f1.png", "sources.png"], html_path)
+    for text in (md_path.read_text(), html_path.read_text()):
+        assert "Compound expressions" not in text and "compound_few_shot" not in text
+    # Zero-shot keys only: the section, but no plot (and no PNG).
+    md_path, _ = report.write_report({**RESULTS, **COMPOUND_VALIDATION}, "test", out)
+    assert not (out / "compound_few_shot.png").exists()
+    assert _section(md_path.read_text(), "Compound expressions: UAR against k").strip() == (
+        "_Not drawn: the results hold no few-shot compound metric._")
+
+
+def test_compound_head_table_and_few_shot_ks():
+    # A compound head's metrics (fbnet_jax/metrics.py) still get their task table row; a count
+    # alone (the compound evaluation's) does not.
+    columns = report.TASK_TABLES[-1][2]
+    head = {"test/c/compound_count": 4.0, "test/c/compound_uar": 0.5}
+    assert report.task_table(head, "test", "compound", columns) == report.Table(
+        ("subset", "labelled", "accuracy", "UAR", "macro F1"), (("c", "4", "-", "0.5000", "-"),))
+    assert report.task_table({"test/c/compound_count": 4.0}, "test", "compound", columns) is None
+    # k sorted as numbers, from the linear probe's or the NCM's keys.
+    ks = {f"{C}_few_shot_k10_uar": 0.5, f"{C}_few_shot_ncm_k2_uar": 0.5, f"{C}_count": 3.0,
+          "test/e/compound_few_shot_k3_uar": 0.5}
+    assert report_compound.few_shot_ks(ks, "test", "c") == [2, 10]
+    assert report_compound.compound_subsets(ks) == [("test", "c"), ("test", "e")]
+
+
 def test_report_needs_metrics_of_the_split(tmp_path):
     with pytest.raises(ValueError, match=r"no metric of split 'validation' \(they hold 'test'\)"):
         report.write_report(RESULTS, "validation", tmp_path)
@@ -281,7 +391,12 @@ def test_compare_marks_the_best_and_the_differences(tmp_path, caplog):
 def test_compare_reads_eval_files_when_asked_for_another_split(tmp_path):
     run = _run_dir(tmp_path / "run", {"step": 8.0, "test/expression_accuracy": 0.5}, evals={
         "validation_step4.json": {"step": 4.0, "validation/expression_accuracy": 0.25},
-        "validation_step8.json": {"step": 8.0, "validation/expression_accuracy": 0.375}})
+        "validation_step8.json": {"step": 8.0, "validation/expression_accuracy": 0.375},
+        # Partial evaluations (evaluators chosen by name) are not read; a whole one of two
+        # splits is read for either.
+        "validation@validation_step9.json": {"step": 9.0, "validation/expression_accuracy": 1.0},
+        "test+validation_step2.json": {"step": 2.0, "test/expression_accuracy": 0.125,
+                                       "validation/expression_accuracy": 0.0}})
     loaded = compare.load_run(run, "validation")
     assert (loaded.file, loaded.step, loaded.split) == (
         run / "eval" / "validation_step8.json", 8, "validation")
@@ -289,6 +404,11 @@ def test_compare_reads_eval_files_when_asked_for_another_split(tmp_path):
     assert compare.load_run(run).file == run / "metrics.json"
     (run / "metrics.json").unlink()  # an interrupted run: its latest evaluation
     assert compare.load_run(run).file == run / "eval" / "validation_step8.json"
+    (run / "eval" / "validation_step8.json").unlink()
+    (run / "eval" / "validation_step4.json").unlink()
+    assert compare.load_run(run, "test").file == run / "eval" / "test+validation_step2.json"
+    with pytest.raises(UserError, match="has step-2 metrics of the splits test, validation"):
+        compare.load_run(run)
 
 
 def test_compare_errors(tmp_path):
@@ -331,7 +451,7 @@ def tiny_runs(tmp_path_factory):
         config.seed = seed
         config.train.num_steps = 2
         config.train.log_every = 1
-        config.train.eval_every = 0
+        config.evals.validation.every = 0
         config.train.best_metric = ""
         train.train_and_evaluate(config, root / f"seed{seed}")
         runs.append(root / f"seed{seed}")

@@ -40,7 +40,7 @@ def _config(tiny_config, roots):
     with config.unlocked():
         config.data.sources = type(config.data.sources)(sources)
     config.train.num_steps = 3
-    config.train.eval_every = 0
+    config.evals.validation.every = 0
     config.train.log_every = 1
     config.train.best_metric = ""
     return config

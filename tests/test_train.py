@@ -80,7 +80,7 @@ def _restored_params(workdir, config):
 def test_resume_continues_exactly(tiny_config, tmp_path):
     # A mixture with augmentation, dropout and shuffling: everything random must be restored.
     tiny_config.train.num_steps = 6
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     tiny_config.train.checkpoint_every = 100
     tiny_config.model.backbones.small_cnn.dropout = 0.2
     train.train_and_evaluate(tiny_config, tmp_path / "straight")
@@ -117,7 +117,7 @@ def test_a_diverged_state_is_never_checkpointed(tiny_config, tmp_path):
     # The loss of step 1 is computed at the initial parameters and is finite; the parameters
     # that step 1 produces are not. That state must not become the "last good" checkpoint.
     tiny_config.train.num_steps = 8
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     tiny_config.train.checkpoint_every = 1
     tiny_config.train.log_every = 100
     _sgd(tiny_config, DIVERGING)
@@ -131,7 +131,7 @@ def test_a_diverged_state_is_never_checkpointed(tiny_config, tmp_path):
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_divergence_after_a_restart_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     tiny_config.train.num_steps = 8
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     tiny_config.train.checkpoint_every = 2
     tiny_config.train.stop_after_steps = 2
     _sgd(tiny_config, 1e-2)
@@ -151,7 +151,7 @@ def test_divergence_after_a_restart_keeps_the_last_good_checkpoint(tiny_config, 
 
 def test_a_stop_request_abandons_an_evaluation_and_checkpoints(tiny_config, tmp_path, monkeypatch):
     tiny_config.train.num_steps = 10
-    tiny_config.train.eval_every = 3
+    tiny_config.evals.validation.every = 3
     tiny_config.train.checkpoint_every = 100
     tiny_config.data.eval_batch_size = 8  # several batches per evaluation
     real_build = pipeline.build_eval_batches
@@ -194,7 +194,7 @@ def test_coupling_off_gives_bit_for_bit_the_plain_step(tiny_config):
 
 
 def test_coupling_switches_from_the_config_train_and_are_logged(tiny_config, tmp_path):
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     tiny_config.loss.weights.co_annotation = 1.0
     tiny_config.loss.weights.distribution_matching = 0.5
     tiny_config.loss.distribution_matching.stop_gradient = True
@@ -215,7 +215,7 @@ def test_the_best_evaluation_is_kept_between_checkpoint_steps(tiny_config, tmp_p
     # Evaluations at steps 2 and 4, checkpoints only every 100 steps (and at the end): the best
     # evaluated state must still be kept.
     tiny_config.train.num_steps = 6
-    tiny_config.train.eval_every = 2
+    tiny_config.evals.validation.every = 2
     tiny_config.train.checkpoint_every = 100
     tiny_config.train.max_checkpoints_to_keep = 1
     train.train_and_evaluate(tiny_config, tmp_path)
@@ -230,7 +230,7 @@ def test_the_best_evaluation_is_kept_between_checkpoint_steps(tiny_config, tmp_p
 
 
 def test_a_failed_restart_leaves_the_run_as_it_was(tiny_config, tmp_path):
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     train.train_and_evaluate(tiny_config, tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "metrics.json")}
     changed = tiny_config
@@ -243,7 +243,7 @@ def test_a_failed_restart_leaves_the_run_as_it_was(tiny_config, tmp_path):
 
 
 def test_a_finished_run_is_not_trained_or_evaluated_again(tiny_config, tmp_path, monkeypatch):
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     results = train.train_and_evaluate(tiny_config, tmp_path)
     monkeypatch.setattr(evaluate, "evaluate", None)  # any evaluation would fail
     again = train.train_and_evaluate(tiny_config, tmp_path)
@@ -255,7 +255,7 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(tiny_config, tmp_path,
 
 def test_a_run_stopped_in_its_final_evaluation_only_evaluates_on_restart(tiny_config, tmp_path,
                                                                          monkeypatch):
-    tiny_config.train.eval_every = 0
+    tiny_config.evals.validation.every = 0
     real_evaluate = evaluate.evaluate
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
         evaluate.Interrupted("stop")))
