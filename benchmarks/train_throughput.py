@@ -132,6 +132,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", choices=sorted(CASES), default="cpu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--backbones", default="",
+                        help="comma-separated: only the rows of these backbones (default: all)")
     parser.add_argument("--matmul_precision", choices=("default", "high", "highest"),
                         default="default",
                         help="jax_default_matmul_precision for float32 convolutions and matrix "
@@ -152,7 +154,10 @@ def main():
               f" {'peak':>6} {'MFU':>6}")
     print(header)
     print("-" * len(header))
+    only = [b for b in args.backbones.split(",") if b]
     for backbone, size, batch, dtype in CASES[args.cases]:
+        if only and backbone not in only:
+            continue
         ex_s, ms, compile_s, tflop = bench(backbone, size, batch, dtype, args.steps)
         achieved = tflop / (ms / 1e3)
         arithmetic = matmul_arithmetic(device, dtype, args.matmul_precision)

@@ -202,3 +202,31 @@ def test_resnet50_trains():
     old, new = variables["batch_stats"]["backbone"], updates["batch_stats"]["backbone"]
     assert not np.allclose(old["bn1"]["mean"], new["bn1"]["mean"])
     assert not np.allclose(old["layer4_2"]["bn3"]["var"], new["layer4_2"]["bn3"]["var"])
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5)])
+def test_the_2x2_pool_is_max_pool_with_its_gradient(shape):
+    import flax.linen as nn
+    # Small integers: many exact ties, positive and (after the ReLU) at 0.
+    x = jnp.asarray(np.random.default_rng(0).integers(-3, 4, shape), jnp.float32)
+
+    def reference(v):
+        return nn.max_pool(v, window_shape=(2, 2), strides=(2, 2))
+
+    assert backbones._pool(x).shape == reference(x).shape   # an odd row or column is dropped
+    np.testing.assert_array_equal(backbones._pool(x), reference(x))
+    # Behind a ReLU, as the backbones use it, the gradient is max_pool's wherever the maximum
+    # of a window is unique or 0; positive ties share it (max_pool gives it to the first).
+    weights = jnp.arange(1.0, 1.0 + np.prod(reference(x).shape)).reshape(reference(x).shape)
+    ours = jax.grad(lambda v: (backbones._pool(jax.nn.relu(v)) * weights).sum())(x)
+    theirs = jax.grad(lambda v: (reference(jax.nn.relu(v)) * weights).sum())(x)
+    relu_x = np.asarray(jax.nn.relu(x))
+    b, h, w, c = shape
+    windows = relu_x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+    top = windows.max(axis=(2, 4), keepdims=True)
+    shared = ((windows == top) & (top > 0)).sum(axis=(2, 4)) > 1   # windows with a positive tie
+    keep = np.ones(shape, bool)
+    keep[:, :h // 2 * 2, :w // 2 * 2] = ~np.repeat(np.repeat(shared, 2, axis=1), 2, axis=2)
+    np.testing.assert_array_equal(np.asarray(ours)[keep], np.asarray(theirs)[keep])
+    assert shared.any()   # the case below is exercised
+    np.testing.assert_allclose(np.asarray(ours).sum(), np.asarray(theirs).sum(), rtol=1e-6)

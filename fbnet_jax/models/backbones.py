@@ -2,8 +2,9 @@
 
 `vgg_face` is the paper's network (13 conv 3x3 + 5 max-pool, fc 4096, fc 4096, dropout 0.5).
 `resnet50` is torchvision's ResNet-50 trunk, named so that its weights import by renaming.
-`small_cnn` is a fast BatchNorm CNN for CPU demos and tests. Pools are written with keyword
-arguments because jax2onnx patches `nn.max_pool` with a keyword-only `window_shape`.
+`small_cnn` is a fast BatchNorm CNN for CPU demos and tests. The 2x2 pools are a reshape and a
+max (`_pool`); ResNet's 3x3 pool is `nn.max_pool` with keyword arguments, because jax2onnx patches
+it with a keyword-only `window_shape`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import jax.numpy as jnp
 
 
 def _pool(x):
-    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    """2x2 max-pool with stride 2 ("VALID": an odd last row or column is dropped), written as a
+    reshape and a max over the two window axes. The same values as `nn.max_pool`, but its
+    gradient is elementwise, where XLA's CPU gradient of a window reduction
+    (select_and_scatter) took about a third of the small_cnn train step (BENCHMARKS.md). On a tie
+    the gradient is shared between the tied inputs instead of going to the first one; after a
+    ReLU the common tie is at 0, where the ReLU passes no gradient either way."""
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class SmallCNN(nn.Module):
