@@ -50,6 +50,9 @@ CASES = {
     "gpu": [("small_cnn", 64, 256, "float32"), ("small_cnn", 64, 256, "bfloat16"),
             ("vgg_face", 112, 256, "float32"), ("vgg_face", 112, 256, "bfloat16"),
             ("vgg_face", 96, 512, "bfloat16")],
+    # benchmarks/gpu.sh: the paper's backbones in bfloat16 at batches that fill one large GPU.
+    "gpu_mfu": [("vgg_face", 112, 256, "bfloat16"), ("vgg_face", 112, 512, "bfloat16"),
+                ("resnet50", 112, 256, "bfloat16"), ("resnet50", 224, 256, "bfloat16")],
 }
 
 
