@@ -400,23 +400,13 @@ def matmul_peaks(n: int) -> dict[tuple[str, str], float]:
 # ------------------------------------------------------------------------------------------
 # Output.
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def print_header(args):
     precision = jax.config.jax_default_matmul_precision or "default"
     arithmetic = ("bf16 backbone (JAX model.dtype=bfloat16, torch autocast cpu bfloat16), heads "
                   "and losses float32" if args.dtype == "bfloat16" else "float32 throughout")
     lines = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-        f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable of "
+        f"machine: {train_throughput.cpu_model()}, {len(os.sched_getaffinity(0))} cores usable of "
         f"{os.cpu_count()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"load average {os.getloadavg()[0]:.2f} at the start",
         f"versions: Python {platform.python_version()}, jax {jax.__version__}, jaxlib "

@@ -75,6 +75,9 @@ from fbnet_jax import state as state_lib
 from fbnet_jax.inference import OUTPUTS, InferenceModel
 from fbnet_jax.predict import Predictor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_throughput.py
+import train_throughput  # noqa: E402  pylint: disable=wrong-import-position
+
 REPO = Path(__file__).resolve().parents[1]
 
 # backbone -> the config its network is built from (which also gives the image size).
@@ -307,20 +310,10 @@ def predict_end_to_end(backbone: str, state, model: InferenceModel, tmp: Path, a
 # --------------------------------------------------------------------------------------------
 # Output.
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def header() -> str:
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in PACKAGES)
     threads = ort.SessionOptions().intra_op_num_threads
-    return (f"{cpu_model()}, {os.cpu_count()} CPUs; {versions}; backend "
+    return (f"{train_throughput.cpu_model()}, {os.cpu_count()} CPUs; {versions}; backend "
             f"{jax.default_backend()}; float32, matmul precision "
             f"{jax.config.jax_default_matmul_precision or 'default'}; ORT intra-op threads "
             f"{threads or 'default (0)'}, XLA_FLAGS {os.environ.get('XLA_FLAGS') or '(unset)'}")

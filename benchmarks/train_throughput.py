@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import platform
 import time
 from pathlib import Path
 
@@ -54,6 +55,17 @@ CASES = {
     "gpu_mfu": [("vgg_face", 112, 256, "bfloat16"), ("vgg_face", 112, 512, "bfloat16"),
                 ("resnet50", 112, 256, "bfloat16"), ("resnet50", 224, 256, "bfloat16")],
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for the machine line of a benchmark's table)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def matmul_arithmetic(device, dtype: str, precision: str) -> str:
