@@ -75,9 +75,9 @@ def main():
     config = load_config(args.config)
     print(f"config {args.config}: image {config.data.image_size}px, "
           f"batch {config.data.global_batch_size}, read_threads {config.data.read_threads}")
-    print(f"{'source':<16} {'ms/record (1 core)':>18}")
+    print(f"{'source':<20} {'ms/record (1 core)':>18}")
     for name, ms in record_cost_ms(config, args.records).items():
-        print(f"{name:<16} {ms:18.3f}")
+        print(f"{name:<20} {ms:18.3f}")
     print()
     print(f"{'workers':>7} {'examples/s':>11} {'first batch s':>13}")
     for workers in args.workers:
