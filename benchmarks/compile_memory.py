@@ -48,6 +48,9 @@ from fbnet_jax import config_files, parallel, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.models import DTYPES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_throughput.py
+import train_throughput  # noqa: E402  pylint: disable=wrong-import-position
+
 REPO = Path(__file__).resolve().parents[1]
 
 # backbone -> the config its step is built from (which also gives the default image size).
@@ -168,16 +171,6 @@ def table_row(row: dict, batch_size: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def names(text: str, known, what: str) -> list[str]:
-    """A comma-separated list of `known` names; a clear error for anything else."""
-    chosen = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if unknown or not chosen:
-        raise SystemExit(f"--{what} {text!r}: unknown {', '.join(unknown) or '(empty)'}; "
-                         f"known: {', '.join(known)}")
-    return chosen
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default=",".join(CONFIGS),
@@ -195,8 +188,8 @@ def main():
                         help="jax_default_matmul_precision (float32 matmuls on GPU/TPU; no effect "
                              "on the CPU)")
     args = parser.parse_args()
-    backbones = names(args.backbones, list(CONFIGS), "backbones")
-    dtypes = names(args.dtypes, DTYPES, "dtypes")
+    backbones = train_throughput.names(args.backbones, list(CONFIGS), "backbones")
+    dtypes = train_throughput.names(args.dtypes, DTYPES, "dtypes")
     if args.batch_size < 1 or args.repeats < 1 or args.image_size < 0:
         raise SystemExit("--batch_size and --repeats must be positive, --image_size >= 0")
     # Fresh compilations only: a persistent cache would turn compile time into a cache read.

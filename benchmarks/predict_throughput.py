@@ -351,16 +351,6 @@ def predict_table(results: dict, images: int) -> list[str]:
     return lines
 
 
-def names(text: str, known, what: str) -> list[str]:
-    """A comma-separated list of `known` names; a clear error for anything else."""
-    chosen = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in known]
-    if unknown or not chosen:
-        raise SystemExit(f"--{what} {text!r}: unknown {', '.join(unknown) or '(empty)'}; "
-                         f"known: {', '.join(known)}")
-    return chosen
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="small_cnn,vgg_face",
@@ -379,9 +369,10 @@ def parse_args():
     parser.add_argument("--predict_repeats", type=int, default=3,
                         help="timed `fbnet predict` runs of each size")
     args = parser.parse_args()
-    args.backbones = names(args.backbones, list(CONFIGS), "backbones")
-    args.predict_backbones = (names(args.predict_backbones, args.backbones, "predict_backbones")
-                              if args.predict_backbones.strip() else [])
+    args.backbones = train_throughput.names(args.backbones, list(CONFIGS), "backbones")
+    args.predict_backbones = (
+        train_throughput.names(args.predict_backbones, args.backbones, "predict_backbones")
+        if args.predict_backbones.strip() else [])
     if min(args.repeats, args.startup_repeats, args.predict_repeats) < 1 or args.seconds <= 0 \
             or args.predict_images < 2:
         raise SystemExit("--repeats, --startup_repeats and --predict_repeats must be positive, "

@@ -57,6 +57,16 @@ CASES = {
 }
 
 
+def names(text: str, known, what: str) -> list[str]:
+    """A comma-separated list of `known` names; a clear error for anything else."""
+    chosen = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise SystemExit(f"--{what} {text!r}: unknown {', '.join(unknown) or '(empty)'}; "
+                         f"known: {', '.join(known)}")
+    return chosen
+
+
 def cpu_model() -> str:
     """The CPU's model name (for the machine line of a benchmark's table)."""
     try:
@@ -169,9 +179,10 @@ def main():
               f" {'peak':>6} {'MFU':>6}")
     print(header)
     print("-" * len(header))
-    only = [b for b in args.backbones.split(",") if b]
+    known = sorted({row[0] for row in CASES[args.cases]})
+    only = names(args.backbones, known, "backbones") if args.backbones else known
     for backbone, size, batch, dtype in CASES[args.cases]:
-        if only and backbone not in only:
+        if backbone not in only:
             continue
         ex_s, ms, compile_s, tflop = bench(backbone, size, batch, dtype, args.steps)
         achieved = tflop / (ms / 1e3)

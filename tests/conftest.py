@@ -54,6 +54,31 @@ def train_tiny_run(path, num_steps: int = 2):
     return path
 
 
+def resnet50_shapes() -> dict[str, tuple]:
+    """{key: torch shape} of torchvision's resnet50 state_dict (with fc of 5 classes)."""
+    shapes = {}
+
+    def conv_bn(conv, bn, out, inp, size):
+        shapes[f"{conv}.weight"] = (out, inp, size, size)
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{bn}.{leaf}"] = (out,)
+        shapes[f"{bn}.num_batches_tracked"] = ()
+
+    conv_bn("conv1", "bn1", 64, 3, 7)
+    inp = 64
+    for layer, (blocks, width) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), start=1):
+        for b in range(blocks):
+            p = f"layer{layer}.{b}"
+            conv_bn(f"{p}.conv1", f"{p}.bn1", width, inp, 1)
+            conv_bn(f"{p}.conv2", f"{p}.bn2", width, width, 3)
+            conv_bn(f"{p}.conv3", f"{p}.bn3", 4 * width, width, 1)
+            if b == 0:
+                conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", 4 * width, inp, 1)
+            inp = 4 * width
+    shapes["fc.weight"], shapes["fc.bias"] = (5, 2048), (5,)
+    return shapes
+
+
 def run_isolated(code: str, *, devices: int = 1, timeout: int = 300, cwd=None, args=()):
     """Runs python code in a fresh interpreter with `devices` fake CPU devices; returns stdout.
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import resnet50_shapes
 from fbnet_jax.models import FaceBehaviorNet, backbones
 
 
@@ -84,32 +85,11 @@ def test_resnet50_has_torchvision_parameter_count():
     assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 25_557_032 - 2048 * 1000 - 1000
 
 
-def _torchvision_resnet50_shapes():
-    """torchvision's ResNet-50 state_dict shapes, without fc and num_batches_tracked."""
-    shapes = {}
-
-    def conv_bn(conv, bn, out_channels, in_channels, size):
-        shapes[f"{conv}.weight"] = (out_channels, in_channels, size, size)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{bn}.{name}"] = (out_channels,)
-
-    conv_bn("conv1", "bn1", 64, 3, 7)
-    channels = 64
-    for layer, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for block in range(blocks):
-            prefix = f"layer{layer}.{block}"
-            conv_bn(f"{prefix}.conv1", f"{prefix}.bn1", width, channels, 1)
-            conv_bn(f"{prefix}.conv2", f"{prefix}.bn2", width, width, 3)
-            conv_bn(f"{prefix}.conv3", f"{prefix}.bn3", 4 * width, width, 1)
-            if block == 0:
-                conv_bn(f"{prefix}.downsample.0", f"{prefix}.downsample.1", 4 * width, channels, 1)
-            channels = 4 * width
-    return shapes
-
-
 def test_resnet50_variables_map_one_to_one_onto_torchvision_keys():
     variables = _resnet50_shapes(64)
-    expected = _torchvision_resnet50_shapes()
+    # torchvision's state_dict without its classifier and BatchNorm step counters.
+    expected = {key: shape for key, shape in resnet50_shapes().items()
+                if not key.startswith("fc.") and not key.endswith("num_batches_tracked")}
     assert len(expected) == 53 * 5  # 53 convs (one weight each), 53 BatchNorms (four each)
     mapped = {}
     for collection in ("params", "batch_stats"):

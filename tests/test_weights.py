@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import resnet50_shapes
 from fbnet_jax import config_checks, parallel
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import ConfigError, UserError
@@ -44,31 +45,6 @@ def vgg_shapes(layout: str, grid: int, fc: int = FC, classes: int = 5) -> dict[s
     shapes = {}
     for name, size in zip(names, sizes):
         shapes[f"{name}.weight"], shapes[f"{name}.bias"] = size, size[:1]
-    return shapes
-
-
-def resnet50_shapes() -> dict[str, tuple]:
-    """{key: torch shape} of torchvision's resnet50 state_dict (with fc of 5 classes)."""
-    shapes = {}
-
-    def conv_bn(conv, bn, out, inp, size):
-        shapes[f"{conv}.weight"] = (out, inp, size, size)
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{bn}.{leaf}"] = (out,)
-        shapes[f"{bn}.num_batches_tracked"] = ()
-
-    conv_bn("conv1", "bn1", 64, 3, 7)
-    inp = 64
-    for layer, (blocks, width) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), start=1):
-        for b in range(blocks):
-            p = f"layer{layer}.{b}"
-            conv_bn(f"{p}.conv1", f"{p}.bn1", width, inp, 1)
-            conv_bn(f"{p}.conv2", f"{p}.bn2", width, width, 3)
-            conv_bn(f"{p}.conv3", f"{p}.bn3", 4 * width, width, 1)
-            if b == 0:
-                conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", 4 * width, inp, 1)
-            inp = 4 * width
-    shapes["fc.weight"], shapes["fc.bias"] = (5, 2048), (5,)
     return shapes
 
 
