@@ -26,12 +26,8 @@ from fbnet_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-# Columns of the printed table: (metric key suffix, header).
-TABLE_COLUMNS = (
-    ("expression_accuracy", "expr acc"), ("expression_macro_f1", "expr F1"),
-    ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
-    ("va_ccc_valence", "CCC V"), ("va_ccc_arousal", "CCC A"), ("va_mean_ccc", "CCC mean"),
-)
+# Columns of the printed table: (metric key suffix, header), the report's headline metrics.
+TABLE_COLUMNS = report.HEADLINE_METRICS
 
 
 class Interrupted(Exception):
@@ -121,11 +117,11 @@ class Predictions:
         self._cache: dict[str, tuple[dict, dict]] = {}
 
     def __call__(self, split: str, sources: Sequence[str], keys: Sequence[str]):
-        planned_sources, planned_keys = self._plan.setdefault(split, (set(), set()))
-        if (split not in self._cache or not set(keys) <= planned_keys
-                or not set(sources) <= planned_sources):  # not planned: run it again, wider
-            planned_sources.update(sources)
-            planned_keys.update(keys)
+        planned_sources, planned_keys = self._plan.get(split, (set(), set()))
+        if not (set(sources) <= planned_sources and set(keys) <= planned_keys):
+            raise ValueError(f"{split!r} of {list(sources)} with {list(keys)}: not read by any "
+                             f"evaluator of this round")
+        if split not in self._cache:
             fn_keys = tuple(sorted(planned_keys))
             if fn_keys not in self._fns:
                 self._fns[fn_keys] = make_predict_fn(self._model, fn_keys)
@@ -184,10 +180,13 @@ def format_round(results: dict[str, float], round_evaluators) -> str:
 
 def write_outputs(results: dict[str, Any], round_evaluators, predictions: Predictions,
                   json_path: Path, report_dir: Path, workdir: Path | None) -> None:
-    """Writes a round's metrics as JSON and its report (call on process 0)."""
+    """Writes a round's metrics as JSON and, when it has evaluators, its report (call on
+    process 0)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     log.info("metrics written to %s", json_path.absolute())
+    if not round_evaluators:
+        return
     split = report_split(round_evaluators)
     tasks = [e for e in round_evaluators if e.kind == "tasks" and e.split == split]
     outputs = labels = None

@@ -61,9 +61,9 @@ FIGURE_SIZES = {
 }
 VA_BINS = 20  # per axis of the predicted-vs-true histograms over [-1, 1]
 
-# The headline metrics of a subset (all higher-is-better): (key suffix, label). The same columns
-# as the console table of fbnet_jax/evaluate.py; the per-source plot and fbnet_jax/compare.py
-# use them.
+# The headline metrics of a subset (all higher-is-better): (key suffix, label). The columns of
+# the console table and summary line of fbnet_jax/evaluate.py (which the training curves read
+# back from train.log), of the per-source plot and of fbnet_jax/compare.py.
 HEADLINE_METRICS = (
     ("expression_accuracy", "expr acc"), ("expression_macro_f1", "expr F1"),
     ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
@@ -234,9 +234,7 @@ def read_train_log(path: str | Path) -> dict[str, dict[int, float]]:
     first). A restarted run logs again the steps after its last checkpoint; the later line wins,
     as the later run is the one that continued.
     """
-    # Here, not at the top: fbnet_jax/evaluate.py may import this module.
-    from fbnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-    key_of = {header: key for key, header in evaluate.TABLE_COLUMNS}
+    key_of = {header: key for key, header in HEADLINE_METRICS}
     curves: dict[str, dict[int, float]] = {}
     step = None
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():

@@ -489,11 +489,8 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
                  evaluate.format_round(final, final_evaluators))
     if jax.process_index() == 0:
         workdir = Path(workdir)
-        if final_evaluators:
-            evaluate.write_outputs(final, final_evaluators, predictions,
-                                   workdir / "metrics.json", workdir / REPORT_DIR, workdir)
-        else:
-            (workdir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        evaluate.write_outputs(final, final_evaluators, predictions, workdir / "metrics.json",
+                               workdir / REPORT_DIR, workdir)
     log.info("finished")
     return final
 
