@@ -52,15 +52,16 @@ def _is_dataset(kind: str) -> bool:
 
 def prepared_source(dataset: str, data_dir: str = "", *, weight: float = 1.0,
                     margin: float = 0.2, balance_expressions: bool = False,
-                    **options) -> ml_collections.ConfigDict:
+                    prepared_image_size: int = 0, **options) -> ml_collections.ConfigDict:
     """The config entry of a prepared dataset: `kind="prepared"`, `dataset`, `data_dir`.
 
     It reads what `fbnet prepare --dataset DATASET --data_dir DATA_DIR` wrote with the same
-    options and margin (see `dataset_source` for the arguments). Equivalently, a
+    options, margin and image_size (see `dataset_source` for the arguments). Equivalently, a
     `dataset_source` entry with its `prepared` field set to DATA_DIR.
     """
     entry = dataset_source(dataset, "", weight=weight, margin=margin,
-                           balance_expressions=balance_expressions, **options)
+                           balance_expressions=balance_expressions,
+                           prepared_image_size=prepared_image_size, **options)
     del entry["root"], entry["prepared"], entry["strict"]
     entry.kind, entry.dataset, entry.data_dir = "prepared", dataset, data_dir
     return entry
@@ -68,7 +69,7 @@ def prepared_source(dataset: str, data_dir: str = "", *, weight: float = 1.0,
 
 def dataset_source(kind: str, root: str = "", *, weight: float = 1.0, margin: float = 0.2,
                    strict: bool = False, balance_expressions: bool = False, prepared: str = "",
-                   **options) -> ml_collections.ConfigDict:
+                   prepared_image_size: int = 0, **options) -> ml_collections.ConfigDict:
     """The config entry of a dataset source (`config.data.sources.NAME`).
 
     Args:
@@ -80,6 +81,9 @@ def dataset_source(kind: str, root: str = "", *, weight: float = 1.0, margin: fl
       strict: stop at the first record that cannot be read instead of skipping and counting.
       prepared: the `--data_dir` of `fbnet prepare`: read the prepared copy of this dataset
         (with these options and margin) instead of the files under `root`.
+      prepared_image_size: which preparation to read: 0 the faces as served (PNG), N the one
+        written with `--option image_size=N` (raw uint8 N x N faces, read without decoding;
+        set N to `data.image_size` so that nothing is resized either).
       balance_expressions: sample the source's training images so that every expression is
         equally frequent among its expression-labelled ones (real expression data is skewed:
         in AffectNet's training set Happiness outnumbers Disgust about 35 to 1).
@@ -95,6 +99,7 @@ def dataset_source(kind: str, root: str = "", *, weight: float = 1.0, margin: fl
     return ml_collections.ConfigDict({
         "kind": kind, "root": root, "weight": weight, "margin": margin, "strict": strict,
         "balance_expressions": balance_expressions, "prepared": prepared,
+        "prepared_image_size": prepared_image_size,
         "options": ml_collections.ConfigDict({**known, **options})})
 
 
@@ -134,14 +139,16 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
                              f"{', '.join(DATASET_SPLITS)}")
         prepared = (source_config.data_dir if kind == "prepared"
                     else source_config.get("prepared", ""))
+        options = source_config.options.to_dict()
         if prepared:  # the copy `fbnet prepare` wrote
             dataset = source_config.dataset if kind == "prepared" else kind
             args = ("prepared", prepared, split, dataset, False)
+            # Entries written before the field existed read the PNG preparation.
+            options["image_size"] = int(source_config.get("prepared_image_size", 0))
         else:
             args = (kind, source_config.root, split, None, bool(source_config.strict))
         return _dataset_source(name, *args, tuple(aus), source_index,
-                               float(source_config.margin),
-                               tuple(sorted(source_config.options.to_dict().items())))
+                               float(source_config.margin), tuple(sorted(options.items())))
     raise ValueError(f"source {name!r} has unknown kind {kind!r}; known kinds: {SOURCE_KINDS}")
 
 
@@ -251,6 +258,10 @@ def _dataset_problems(path: str, source: ml_collections.ConfigDict) -> list[str]
                         f"its options: {', '.join(known) or 'none'}")
     if not float(source.margin) >= 0:
         problems.append(f"{path}.margin: must be >= 0, got {source.margin}")
+    size = source.get("prepared_image_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        problems.append(f"{path}.prepared_image_size: must be an int >= 0 (0: the preparation "
+                        f"of faces as served), got {size!r}")
     return problems
 
 

@@ -243,6 +243,10 @@ def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
         for key in parents:
             node = node.setdefault(key, {})
         node.setdefault(leaf, value)
+    for source in values.get("data", {}).get("sources", {}).values():
+        if isinstance(source, dict) and source.get("kind") != "synthetic":
+            # Dataset sources saved before the field read the PNG preparation (0).
+            source.setdefault("prepared_image_size", 0)
     return values
 
 

@@ -101,7 +101,8 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "prepare: the dataset's fo
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where the prepared copy is written "
                                 "(a config reads it with data.sources.NAME.prepared=DATA_DIR).")
 _OPTION = flags.DEFINE_multi_string("option", [], "prepare: a dataset option KEY=VALUE "
-                                    "(repeat the flag for several).")
+                                    "(repeat the flag for several), or margin=M, or "
+                                    "image_size=N (faces stored N x N as raw uint8).")
 _STRICT = flags.DEFINE_bool("strict", False, "prepare: stop at the first record that cannot "
                             "be read, instead of skipping and counting it.")
 _COORDINATOR = flags.DEFINE_string(

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import load_config
 from data_pipelines import pipeline
-from fbnet_jax import config_checks, metrics
+from fbnet_jax import checkpointing, config_checks, metrics
 from fbnet_jax.errors import ConfigError
 
 
@@ -187,6 +187,20 @@ def test_a_shape_change_is_refused_even_when_changes_are_allowed(tiny_config, fi
                               f"this config's ({leaf}")
     assert problem.endswith(f"changed by {culprit}")  # the learning rate is not blamed
     assert advice.startswith("keep the run's values for these fields")
+
+
+def test_a_dataset_source_saved_before_prepared_image_size_restarts_silently(tiny_config,
+                                                                          tmp_path):
+    config = tiny_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.sources.faces = pipeline.prepared_source("manifest", str(tmp_path))
+    saved = config_checks.as_plain(config)
+    del saved["data"]["sources"]["faces"]["prepared_image_size"]
+    assert "prepared_image_size" not in saved["data"]["sources"]["affectnet_like"]
+    restored = checkpointing.config_from_json(saved)
+    assert restored.data.sources.faces.prepared_image_size == 0
+    assert "prepared_image_size" not in restored.data.sources.affectnet_like  # synthetic
+    assert config_checks.check_restart(restored, config, step=4) == []
 
 
 def test_how_the_step_runs_may_change_on_a_restart(tiny_config):

@@ -193,7 +193,7 @@ USER_ERRORS = [
     (["prepare", "--dataset", "rafdb", "--manual_dir", "WORKDIR", "--data_dir", "WORKDIR",
       "--option", "image=original"],
      "rafdb: unknown option(s) image; its options: images (default 'aligned'), validation_fraction "
-     "(default 0.1), seed (default 0), margin (default 0.2)"),
+     "(default 0.1), seed (default 0), margin (default 0.2), image_size (default 0)"),
     (["prepare", "--dataset", "rafdb", "--manual_dir", "WORKDIR", "--data_dir", "WORKDIR/out"],
      "rafdb: found no RAF-DB basic label file under WORKDIR; looked for "
      "WORKDIR/basic/EmoLabel/list_patition_label.txt, "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import transforms
 from data_pipelines.sources import BadRecordError, DatasetError, get_source
 from data_pipelines.sources.prepared import open_prepared
 from data_pipelines.tfds_builders import faces, prepare
@@ -27,7 +28,7 @@ ROWS = [
     ("i.jpg", (8, 8, 3), "2", "1", "", "", "", "test", ""),
 ]
 COUNT_LINES = [
-    "  options: margin=0.2, seed=0, test_fraction=0.1, validation_fraction=0.1",
+    "  options: image_size=0, margin=0.2, seed=0, test_fraction=0.1, validation_fraction=0.1",
     "  train: 3 record(s) written, 1 skipped (1 unreadable image)",
     "  validation: 2 record(s) written, 0 skipped",
     "  test: 2 record(s) written, 1 skipped (1 unreadable label)",
@@ -152,6 +153,27 @@ def test_other_options_go_to_another_folder(prepared):
     assert narrow[2]["image"].shape == (14, 14, 3)
 
 
+def test_raw_preparation_holds_the_faces_resized_as_the_pipeline_would(prepared):
+    manual, data_dir, _ = prepared
+    status, lines = _run("manifest", manual, data_dir, ["image_size=6"], False)
+    assert status == 0
+    raw = faces.prepared_dir(data_dir, "manifest", {"image_size": 6})
+    assert raw.parent.name.startswith("image_size-6-") and lines[-5] == (
+        f"manifest: prepared in {raw}")
+    resize = transforms.ResizeImage(6)
+    for split in faces.SPLITS:
+        source = open_prepared(data_dir, split, dataset="manifest", image_size=6)
+        expected = [resize.map(r) for r in _expected(manual, split)]
+        _assert_same_records([source[i] for i in range(len(source))], expected)
+    # Stored as the raw pixels, not PNG: 6 * 6 * 3 bytes of each image are in the record file.
+    image = expected[0]["image"]
+    assert image.shape == (6, 6, 3) and image.dtype == np.uint8
+    stored = b"".join(p.read_bytes() for p in raw.glob("*test.array_record*"))
+    assert image.tobytes() in stored
+    png = faces.prepared_dir(data_dir, "manifest", {})
+    assert image.tobytes() not in b"".join(p.read_bytes() for p in png.glob("*.array_record*"))
+
+
 def test_config_names_follow_the_options():
     name = faces.config_name
     assert name("manifest", {}) == name("manifest", {"seed": 0, "margin": 0.2})
@@ -161,6 +183,10 @@ def test_config_names_follow_the_options():
     assert len(names) == 5
     assert all(re.fullmatch(r"[\w+\-.]+", n) for n in names)
     assert name("manifest", {}).startswith("default-")
+    # The names of preparations written before image_size existed (it is hashed only when set).
+    assert name("manifest", {}) == name("manifest", {"image_size": 0}) == "default-dceefae9ce"
+    assert name("manifest", {"margin": 0.3}) == "margin-0.3-c630513ee3"
+    assert name("manifest", {"image_size": 64}).startswith("image_size-64-")
     assert name("rafdb", {"images": "original"}).startswith("images-original-")
     with pytest.raises(DatasetError, match="unknown dataset 'nope'"):
         faces.prepared_dir("/data", "nope", {})
@@ -193,10 +219,12 @@ def test_bad_options_are_one_line_errors(tmp_path):
     for options, message in [
             (["colour=red"], "manifest: unknown option(s) colour; its options: "
                              "validation_fraction (default 0.1), test_fraction (default 0.1), "
-                             "seed (default 0), margin (default 0.2)"),
+                             "seed (default 0), margin (default 0.2), image_size (default 0)"),
             (["seed"], "--option expects KEY=VALUE, got 'seed'; manifest's options: "),
             (["seed=1", "seed=2"], "--option seed is given twice"),
-            (["margin=-1"], "manifest: option margin must be a number >= 0, got -1.0")]:
+            (["margin=-1"], "manifest: option margin must be a number >= 0, got -1.0"),
+            (["image_size=1.5"], "manifest: option image_size must be an int >= 0 (0: faces as "
+                                 "served, stored as PNG), got 1.5")]:
         with pytest.raises(DatasetError) as error:
             _run("manifest", manual, tmp_path / "data", options, False)
         assert str(error.value).startswith(message) and "\n" not in str(error.value)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import REPO
 from data_pipelines import pipeline
+from data_pipelines.tfds_builders import prepare
 from fbnet_jax import config_checks, train
 from fbnet_jax.errors import ConfigError
 
@@ -61,7 +62,7 @@ def test_dataset_source_entries_hold_every_option(tmp_path):
     entry = pipeline.dataset_source("manifest", str(tmp_path), weight=2.0, seed=4)
     assert entry.to_dict() == {"kind": "manifest", "root": str(tmp_path), "weight": 2.0,
                                "margin": 0.2, "strict": False, "balance_expressions": False,
-                               "prepared": "",
+                               "prepared": "", "prepared_image_size": 0,
                                "options": {
                                    "validation_fraction": 0.1, "test_fraction": 0.1, "seed": 4}}
     with pytest.raises(ValueError, match=r"manifest: unknown option\(s\) sede"):
@@ -207,11 +208,31 @@ def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, 
         ("img/2.png", 0), ("img/5.png", 0), ("img/8.png", 0), ("img/5.png", 1),
         ("img/8.png", 1), ("img/11.png", 1)]
 
+    # The raw preparation at the training size feeds the same pixels, without decoding.
+    size = config.data.image_size
+    for name, root in roots.items():
+        prepare.prepare("manifest", root, data_dir / name, {"image_size": size})
+    raw_prepared = config.copy_and_resolve_references()
+    for name in roots:
+        raw_prepared.data.sources[name].prepared_image_size = size
+    config_checks.validate(raw_prepared, num_devices=1, num_processes=1)
+    source = pipeline.build_source("faces_au", raw_prepared.data.sources.faces_au, split="test",
+                                   aus=config.data.aus, source_index=0)
+    assert source[0]["image"].shape == (size, size, 3) and "image_bytes" not in source[0]
+
+    def eval_images(config):
+        batches = pipeline.build_eval_batches(config, split="test", process_index=0,
+                                              process_count=1)
+        return np.concatenate([b["image"][b["valid"] > 0] for b in batches])
+
+    np.testing.assert_array_equal(eval_images(raw_prepared), eval_images(config))
+
 
 def test_prepared_source_entries(tiny_config, tmp_path):
     entry = pipeline.prepared_source("manifest", str(tmp_path), weight=0.5, seed=2)
     assert entry.to_dict() == {"kind": "prepared", "dataset": "manifest", "data_dir": str(tmp_path),
                                "weight": 0.5, "margin": 0.2, "balance_expressions": False,
+                               "prepared_image_size": 0,
                                "options": {"validation_fraction": 0.1, "test_fraction": 0.1,
                                            "seed": 2}}
     config = _config(tiny_config, {})
@@ -221,6 +242,7 @@ def test_prepared_source_entries(tiny_config, tmp_path):
             "b": pipeline.prepared_source("manifest", str(tmp_path / "no")),
             "c": pipeline.prepared_source("manifest", str(tmp_path))})
     config.data.sources.c.dataset = "rafdbb"
+    config.data.sources.c.prepared_image_size = -3
     with pytest.raises(ConfigError) as error:
         config_checks.validate(config, num_devices=1, num_processes=1)
     assert str(error.value).splitlines()[1:] == [
@@ -231,6 +253,12 @@ def test_prepared_source_entries(tiny_config, tmp_path):
         "  - data.sources.c.dataset: unknown dataset 'rafdbb'; known: affectnet, affwild2, bp4d, "
         "bp4d_plus, ckplus, disfa, emotionet, expw, fer2013, ferplus, manifest, rafdb, "
         "rafdb_compound"]
+    config.data.sources.c.dataset = "manifest"
+    with pytest.raises(ConfigError) as error:
+        config_checks.validate(config, num_devices=1, num_processes=1)
+    assert str(error.value).splitlines()[-1] == (
+        "  - data.sources.c.prepared_image_size: must be an int >= 0 (0: the preparation of "
+        "faces as served), got -3")
 
 
 def test_a_dataset_split_is_read_once_per_process(tiny_config, tmp_path, caplog):

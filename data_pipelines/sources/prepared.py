@@ -4,10 +4,12 @@
   source[0]  # the same record as get_source("affwild2", root, "train", task="va")[0]
 
 `data_dir` is the folder `fbnet prepare --data_dir` wrote to; `dataset` and its options (the
-dataset's own options and `margin`, defaults where not given) pick the preparation, at
-`<data_dir>/<dataset>_faces/<config>/<version>` (see data_pipelines.tfds_builders.faces).
-Records follow docs/design.md#records and are the source's readable records in its order, with
-the same images: faces were cropped and aligned when prepared and stored losslessly. Images that
+dataset's own options, `margin` and `image_size`, defaults where not given) pick the
+preparation, at `<data_dir>/<dataset>_faces/<config>/<version>` (see
+data_pipelines.tfds_builders.faces). Records follow docs/design.md#records and are the source's
+readable records in its order, with the same images: faces were cropped and aligned when
+prepared and stored losslessly (with `image_size=N`: resized to N x N as the pipeline resizes,
+stored as raw uint8). Images that
 could not be read were left out when preparing (`source.skips` holds the preparation's counts),
 so reading never meets one. Splits: train, validation and test.
 """

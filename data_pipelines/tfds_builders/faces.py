@@ -8,19 +8,23 @@
 the dataset's folder as its publisher ships it. It reads that folder with
 `data_pipelines.sources.get_source` and writes the splits train, validation and test: one
 example per record, the face exactly as the source serves it (already cropped and aligned; PNG,
-so lossless) and its labels, AUs over the 17 of `taxonomy.AUS`. An image that cannot be decoded
+so lossless) and its labels, AUs over the 17 of `taxonomy.AUS`. With the option `image_size=N`
+(N > 0) the face is instead stored resized to N x N, exactly as the input pipeline's
+`ResizeImage(N)` would resize it, as raw uint8 pixels: a reader at that training size then does
+no decoding and no resizing (the format for feeding accelerators; larger on disk). An image that cannot be decoded
 is skipped and counted ("unreadable image", with its file), or with `strict` stops the
 preparation.
 
-The options of a preparation (the dataset's own options, see `sources.reader_options`, and
-`margin`) are its builder config, so a preparation lies in
+The options of a preparation (the dataset's own options, see `sources.reader_options`,
+`margin` and `image_size`) are its builder config, so a preparation lies in
 
   <data_dir>/<dataset>_faces/<config name>/<FORMAT_VERSION>/
 
 The config name is the options that differ from their defaults (`task-va`, or `default` when
 none does) and a hash of every option with its value, defaults included (`task-va-1f3e5a7c90`):
 other options go to another folder, the same options, given or left at their defaults, always to
-the same one.
+the same one. (`image_size` enters the hash only when it is not 0, so that the preparations
+written before the option existed keep their folder.)
 
 Besides the TFDS files, a preparation holds:
 
@@ -55,7 +59,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from data_pipelines import sources
+from data_pipelines import schema, sources, transforms
 from data_pipelines.sources import base
 
 FORMAT_VERSION = "1.0.0"
@@ -64,6 +68,9 @@ UNREADABLE_IMAGE = "unreadable image"
 # The files a complete preparation holds besides its record files.
 PREPARED_FILES = ("dataset_info.json", "features.json", "metadata.json")
 MARGIN_DEFAULT = inspect.signature(sources.get_source).parameters["margin"].default
+# The preparation options that are not the dataset's own: `margin` (as the sources take it) and
+# `image_size` (0: the face as served, PNG; N > 0: resized to N x N, raw uint8).
+PREPARATION_DEFAULTS = {"margin": MARGIN_DEFAULT, "image_size": 0}
 _LABEL_LENGTH = 60  # characters of the readable part of a config name
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-]+")
 
@@ -74,13 +81,13 @@ def builder_name(dataset: str) -> str:
 
 
 def default_options(dataset: str) -> dict[str, Any]:
-    """The options of a preparation of `dataset` with their defaults: the dataset's own options
-    and `margin`.
+    """The options of a preparation of `dataset` with their defaults: the dataset's own options,
+    `margin` and `image_size`.
 
     Raises:
       DatasetError: an unknown dataset.
     """
-    return {**sources.reader_options(dataset), "margin": MARGIN_DEFAULT}
+    return {**sources.reader_options(dataset), **PREPARATION_DEFAULTS}
 
 
 def resolve_options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +98,8 @@ def resolve_options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
       DatasetError: an unknown dataset or option (the message lists the dataset's options), a
-        margin that is not a number >= 0, or a value that JSON cannot hold.
+        margin that is not a number >= 0, an image_size that is not an int >= 0, or a value
+        that JSON cannot hold.
     """
     defaults = default_options(dataset)
     unknown = sorted(set(options) - set(defaults))
@@ -111,6 +119,10 @@ def resolve_options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
             or not (math.isfinite(margin) and margin >= 0)):
         raise base.DatasetError(f"{dataset}: option margin must be a number >= 0, got "
                                 f"{margin!r}")
+    size = resolved["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise base.DatasetError(f"{dataset}: option image_size must be an int >= 0 (0: faces as "
+                                f"served, stored as PNG), got {size!r}")
     try:
         json.dumps(resolved, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -126,7 +138,8 @@ def config_name(dataset: str, options: dict[str, Any]) -> str:
     defaults = resolve_options(dataset, {})
     changed = "+".join(f"{key}-{_slug(value)}" for key, value in resolved.items()
                        if value != defaults[key])
-    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+    hashed = {k: v for k, v in resolved.items() if not (k == "image_size" and v == 0)}
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:10]
     return f"{changed[:_LABEL_LENGTH] or 'default'}-{digest}"
 
 
@@ -157,10 +170,16 @@ def labels_file(split: str) -> str:
     return f"labels-{split}.npz"
 
 
-def features() -> tfds.features.FeaturesDict:
-    """The features of a prepared example."""
+def features(image_size: int = 0) -> tfds.features.FeaturesDict:
+    """The features of a prepared example: the image as PNG (`image_size` 0) or as raw uint8
+    [image_size, image_size, 3] bytes."""
+    if image_size:
+        image = tfds.features.Tensor(shape=(image_size, image_size, 3), dtype=np.uint8,
+                                     encoding=tfds.features.Encoding.BYTES)
+    else:
+        image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
     return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "image": image,
         "expression": tfds.features.Scalar(np.int32),
         "au": tfds.features.Tensor(shape=(base.NUM_AUS,), dtype=np.int8),
         "va": tfds.features.Tensor(shape=(2,), dtype=np.float32),
@@ -216,8 +235,8 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=(f"The faces of {self.DATASET} as data_pipelines.sources.get_source "
-                         f"serves them (cropped and aligned, stored as PNG) with their labels."),
-            features=features(),
+                         f"serves them (cropped and aligned) with their labels."),
+            features=features(options["image_size"]),
             metadata=tfds.core.MetadataDict(dataset=self.DATASET, options=options),
             disable_shuffling=True,
         )
@@ -231,7 +250,8 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, root: Path, split: str
                            ) -> Iterator[tuple[str, dict[str, Any]]]:
         options = dict(self.builder_config.options)
-        margin = options.pop("margin")
+        margin, size = options.pop("margin"), options.pop("image_size")
+        resize = transforms.ResizeImage(size) if size else None
         source = sources.get_source(self.DATASET, root, split, unreadable="raise",
                                     strict=self._strict, margin=margin, **options)
         n = len(source)
@@ -256,8 +276,14 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 expression[row], au[row] = record["expression"], record["au"]
                 va[row], compound[row] = record["va"], record["compound"]
                 keys.append(record["key"].encode())
+                image = record["image"]
+                if resize is None:
+                    image = _png(image)
+                else:
+                    image = np.ascontiguousarray(
+                        resize.map({schema.IMAGE: image})[schema.IMAGE], np.uint8)
                 yield record["key"], {
-                    "image": _png(record["image"]), "expression": record["expression"],
+                    "image": image, "expression": record["expression"],
                     "au": record["au"], "va": record["va"], "compound": record["compound"],
                     "key": record["key"], "group": str(source.groups[index])}
         written = len(keys)

@@ -8,7 +8,9 @@ up front) and writes the splits train, validation and test under --data_dir, in 
 their own for each set of options (see data_pipelines.tfds_builders.faces). Then
 `get_source("prepared", DATA_DIR, split, dataset=NAME, **options)` serves the same records.
 
-Options are the dataset's own (`data_pipelines.sources.reader_options`) and `margin`; VALUE is
+Options are the dataset's own (`data_pipelines.sources.reader_options`), `margin` and
+`image_size` (N > 0: faces stored resized to N x N as raw uint8, see
+data_pipelines.tfds_builders.faces); VALUE is
 read as a Python literal (0.3, True, 'va') where it is one, else as a string (va). Records that
 cannot be used are skipped and counted per reason, or with --strict the first stops the
 preparation (nothing is written). A preparation is written whole or not at all; when it exists,
