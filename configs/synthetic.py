@@ -27,7 +27,7 @@ def _style(**levels):
 
 def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, aus,
                       video_frames=0, compound=False, style=None, test_size=400,
-                      validation_size=200, au_table="du2014"):
+                      validation_size=200, au_table="du2014", cache=False):
     """One synthetic dataset of the mixture.
 
     Args mirror the fields below; `aus` is the tuple of AU numbers the train split labels
@@ -40,6 +40,9 @@ def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, 
     return ConfigDict(dict(
         kind="synthetic",          # source type: data_pipelines.pipeline.build_source dispatches on it
         weight=weight,             # mixture weight of this source in training batches
+        cache=cache,               # keep rendered faces in memory (per process, S*S*3 bytes a
+                                   # face): each is rendered once, not once per epoch; the same
+                                   # records either way. Off for large sets with many workers.
         **{k: v for k, v in sizes.items() if v is not None},
         synthetic=ConfigDict(dict(
             num_records=num_records,   # size of the train split (it is repeated with reshuffling)

@@ -275,8 +275,20 @@ def _synthetic_source(name, source_config, *, split, aus, source_index):
     if fields.get("label_aus") is not None:
         fields["label_aus"] = tuple(fields["label_aus"])
     spec = synthetic.SyntheticSpec(**fields, style=style)
+    if source_config.get("cache", False):
+        # One cached source per split and process: periodic evaluations find their split
+        # rendered.
+        return _cached_synthetic(spec, split, num_records, tuple(aus), source_index, name)
     return synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=tuple(aus),
                                     source_index=source_index, name=name)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_synthetic(spec, split: str, num_records: int | None, aus: tuple[int, ...],
+                      source_index: int, name: str):
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=aus,
+                                    source_index=source_index, name=name, cache=True)
 
 
 def _split_size(name: str, source_config: ml_collections.ConfigDict, split: str) -> int | None:

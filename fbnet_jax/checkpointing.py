@@ -244,7 +244,11 @@ def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node.setdefault(leaf, value)
     for source in values.get("data", {}).get("sources", {}).values():
-        if isinstance(source, dict) and source.get("kind") != "synthetic":
+        if not isinstance(source, dict):
+            continue
+        if source.get("kind") == "synthetic":
+            source.setdefault("cache", False)   # saved before the field: rendered every time
+        else:
             # Dataset sources saved before the field read the PNG preparation (0).
             source.setdefault("prepared_image_size", 0)
     return values

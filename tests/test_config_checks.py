@@ -189,11 +189,11 @@ def test_a_shape_change_is_refused_even_when_changes_are_allowed(tiny_config, fi
     assert advice.startswith("keep the run's values for these fields")
 
 
-def test_a_dataset_source_saved_before_prepared_image_size_restarts_silently(tiny_config,
-                                                                          tmp_path):
+def test_sources_saved_before_prepared_image_size_and_cache_restart(tiny_config, tmp_path):
     config = tiny_config.copy_and_resolve_references()
     with config.unlocked():
         config.data.sources.faces = pipeline.prepared_source("manifest", str(tmp_path))
+    config.data.sources.affectnet_like.cache = True
     saved = config_checks.as_plain(config)
     del saved["data"]["sources"]["faces"]["prepared_image_size"]
     assert "prepared_image_size" not in saved["data"]["sources"]["affectnet_like"]
@@ -201,6 +201,12 @@ def test_a_dataset_source_saved_before_prepared_image_size_restarts_silently(tin
     assert restored.data.sources.faces.prepared_image_size == 0
     assert "prepared_image_size" not in restored.data.sources.affectnet_like  # synthetic
     assert config_checks.check_restart(restored, config, step=4) == []
+    # A synthetic source saved before `cache` rendered every face each time: a free change.
+    del saved["data"]["sources"]["affectnet_like"]["cache"]
+    restored = checkpointing.config_from_json(saved)
+    assert restored.data.sources.affectnet_like.cache is False
+    assert config_checks.check_restart(restored, config, step=4) == [
+        "changed (no effect on the training): data.sources.affectnet_like.cache: False -> True"]
 
 
 def test_how_the_step_runs_may_change_on_a_restart(tiny_config):

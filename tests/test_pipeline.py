@@ -395,3 +395,33 @@ def test_synthetic_mixture_end_to_end():
     for b in eval_batches:
         real = b["valid"] == 1
         assert (b["va_mask"][real] == 1).all() and (b["au_mask"][real] == 1).all()
+
+
+def test_cached_synthetic_sources_give_the_same_batches_rendering_each_face_once(monkeypatch):
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    plain = synthetic_config()
+    cached = synthetic_config()
+    for name in cached.data.sources:
+        cached.data.sources[name].cache = True
+    rendered = []   # (source, index) of every face a cached source rendered
+    render = synthetic.SyntheticFaces._render
+
+    def counting_render(self, index):
+        if self.cache:
+            rendered.append((self.name, self.split, index))
+        return render(self, index)
+
+    monkeypatch.setattr(synthetic.SyntheticFaces, "_render", counting_render)
+
+    def batches(config):
+        with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
+                                                              process_count=1)) as it:
+            return take(it, 20)   # 160 examples from 2 x 64 records: more than an epoch
+
+    assert_same_batches(batches(cached), batches(plain))
+    assert len(rendered) == len(set(rendered)) == 128   # each face once (and read ahead)
+    # An evaluation split is rendered once per process, however many evaluations read it.
+    rendered.clear()
+    for _ in range(3):
+        assert_same_batches(all_eval_rows(cached, 0, 1), all_eval_rows(plain, 0, 1))
+    assert len(rendered) == len(set(rendered)) == 20

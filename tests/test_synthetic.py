@@ -270,6 +270,26 @@ def test_source_is_picklable_and_works_in_grain():
     np.testing.assert_array_equal(dataset[1]["image"][0], source[4]["image"])
 
 
+def test_a_cached_source_renders_each_record_once_and_serves_the_same_records(monkeypatch):
+    plain = _source(video_frames=5)
+    cached = synthetic.SyntheticFaces(plain.spec, split="train", cache=True)
+    painted = []
+    paint = synthetic.paint
+    monkeypatch.setattr(synthetic, "paint", lambda *a, **k: painted.append(1) or paint(*a, **k))
+    for index in (3, 7, 3, 3, 7, 11):
+        _assert_same_record(cached[index], plain[index])
+    assert len(painted) == 3 + 6   # the cached source painted 3, 7 and 11 once; plain 6 times
+    record = cached[3]
+    assert not record["image"].flags.writeable    # a transform cannot change the cache
+    with pytest.raises(ValueError, match="read-only"):
+        record["image"][0, 0, 0] = 1
+    record["image"] = None   # the dict is a copy: the cache still holds the image
+    assert cached[3]["image"] is not None
+    clone = pickle.loads(pickle.dumps(cached))
+    assert clone._cached == {} and len(cached._cached) == 3 and clone.cache
+    assert repr(clone) == repr(cached) == repr(plain)   # grain checkpoints: the same source
+
+
 def test_contact_sheet(tmp_path):
     source = _source(compound=True)
     path = tmp_path / "sheet.png"
