@@ -1,19 +1,32 @@
-"""Reading a dataset: raw files (decode JPEG, crop the face) vs the copy `fbnet prepare` wrote.
+"""Reading faces, per format: raw JPEGs, the PNG and raw uint8 copies `fbnet prepare` writes,
+and synthetic rendering (each time, or once into the source's cache).
 
 Writes a fixture dataset in the manifest format (N full-scene JPEGs, 640x480 by default, each
-with one face box, labelled with an expression), prepares it with `fbnet prepare`'s function,
-then measures, side by side and alternating over `--repeats` rounds:
+with one face box, labelled with an expression), prepares it twice with `fbnet prepare`'s
+function (PNG faces as served; raw uint8 faces at --image_size, `--option image_size=N`), then
+measures, side by side and alternating over `--repeats` rounds, four formats:
 
-  source   records/s of `source[i]` over every record (one core, no pipeline): what one grain
-           worker can deliver;
+  jpeg       decode the scene JPEG, crop the face box (widened by the margin);
+  png        the prepared copy: decode the PNG face;
+  uint8      the prepared copy at the training size: no decoding, no resizing;
+  synthetic  render a face of configs/synthetic.py's affwild2_like source at --image_size;
+  cached     the same source with `cache=True`, every face already rendered once (what every
+             epoch after the first costs);
+
+and two measures:
+
+  source   records/s of `source[i]` over every record (one core, no pipeline);
   pipeline examples/s of the train iterator (resize to --image_size, augment, normalise, batch
-           64) after a warm-up, with --workers grain worker processes.
+           64) after a warm-up, with --workers grain worker processes (0: in this process).
+
+With --workers 0 the pipeline column is what one worker (one core) delivers, and the last
+column is the cores a step consuming --target examples/s needs at that rate.
 
   python benchmarks/input_sources.py                    # 2000 images, 0 workers, 3 rounds
   python benchmarks/input_sources.py --images 500 --workers 2 --repeats 5
 
-Prints medians and the prepared/raw ratio of each round's pair. The fixture is written under
---workdir (default: a temporary folder, removed at the end).
+Prints medians and the ratio of each round to jpeg's. The fixture is written under --workdir
+(default: a temporary folder, removed at the end).
 """
 
 from __future__ import annotations
@@ -35,7 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipelines import pipeline  # noqa: E402  pylint: disable=wrong-import-position
-from data_pipelines.sources import get_source  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax import config_files  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -56,6 +68,26 @@ def write_dataset(folder: Path, images: int, width: int, height: int) -> None:
         split = ("train", "train", "train", "validation", "test")[k % 5]
         lines.append(f"img/{k:06d}.jpg,{k % 7},{x0},{y0},{x0 + side},{y0 + side},{split}")
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+
+FORMATS = ("jpeg", "png", "uint8", "synthetic", "cached")
+
+
+class _Head:
+    """The first `n` records of `source`."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.source[index]
+
+
+def _megabytes(paths) -> float:
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
 
 
 def source_rate(source) -> float:
@@ -86,6 +118,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--synthetic_records", type=int, default=0,
+                        help="faces in the synthetic train split (0: the config's)")
+    parser.add_argument("--target", type=int, default=20_000,
+                        help="examples/s of the step to feed (the last column)")
     args = parser.parse_args()
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
         flags.FLAGS.mark_as_parsed()
@@ -95,48 +131,69 @@ def main() -> None:
         manual, data_dir = workdir / "raw", workdir / "prepared"
         if not (manual / "manifest.csv").exists():
             write_dataset(manual, args.images, args.width, args.height)
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            summary = prepare.prepare("manifest", manual, data_dir, {})
-        prepare_s = time.perf_counter() - start
-        jpeg_kb = np.mean([p.stat().st_size for p in (manual / "img").iterdir()]) / 1024
-        prepared_mb = sum(p.stat().st_size for p in Path(summary.directory).rglob("*")
-                          if p.is_file()) / 2**20
+        seconds, sizes = {}, {"jpeg": _megabytes((manual / "img").iterdir())}
+        for kind, options in (("png", {}), ("uint8", {"image_size": args.image_size})):
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                summary = prepare.prepare("manifest", manual, data_dir, options)
+            seconds[kind] = time.perf_counter() - start if summary.written else None
+            sizes[kind] = _megabytes(Path(summary.directory).rglob("*.array_record*"))
 
         config = config_files.load("synthetic")
         config.data.image_size = args.image_size
         config.data.num_workers = args.workers
-        configs = {}
-        for name, entry in (("raw", pipeline.dataset_source("manifest", str(manual))),
-                            ("prepared", pipeline.prepared_source("manifest", str(data_dir)))):
-            configs[name] = config.copy_and_resolve_references()
-            with configs[name].unlocked():
-                configs[name].data.sources = type(config.data.sources)({"faces": entry})
-        sources = {"raw": get_source("manifest", manual, "train"),
-                   "prepared": get_source("prepared", data_dir, "train", dataset="manifest")}
+        synthetic = config.data.sources.affwild2_like.copy_and_resolve_references()
+        synthetic.cache = False
+        if args.synthetic_records:
+            synthetic.synthetic.num_records = args.synthetic_records
+        cached = synthetic.copy_and_resolve_references()
+        cached.cache = True
+        entries = {
+            "jpeg": pipeline.dataset_source("manifest", str(manual)),
+            "png": pipeline.prepared_source("manifest", str(data_dir)),
+            "uint8": pipeline.prepared_source("manifest", str(data_dir),
+                                              prepared_image_size=args.image_size),
+            "synthetic": synthetic, "cached": cached}
+        configs, sources = {}, {}
+        for kind, entry in entries.items():
+            configs[kind] = config.copy_and_resolve_references()
+            with configs[kind].unlocked():
+                configs[kind].data.sources = type(config.data.sources)({"faces": entry})
+            sources[kind] = pipeline.build_source("faces", configs[kind].data.sources.faces,
+                                                  split="train", aus=config.data.aus,
+                                                  source_index=0)
+        # The cached source (the one object the pipeline builds too) renders every face once.
+        for i in range(len(sources["cached"])):
+            sources["cached"][i]
+        # The synthetic sources are as long as the fixture's train split, for equal rounds.
+        for kind in ("synthetic", "cached"):
+            sources[kind] = _Head(sources[kind], len(sources["jpeg"]))
 
-        rates = {(kind, what): [] for kind in ("raw", "prepared") for what in ("source",
-                                                                               "pipeline")}
+        rates = {(kind, what): [] for kind in FORMATS for what in ("source", "pipeline")}
         for _ in range(args.repeats):
-            for kind in ("raw", "prepared"):
+            for kind in FORMATS:
                 rates[kind, "source"].append(source_rate(sources[kind]))
                 rates[kind, "pipeline"].append(pipeline_rate(configs[kind], args.batches, 5))
 
-    prepared_how = (f"prepared in {prepare_s:.1f} s" if summary.written
-                    else "prepared by an earlier run")
-    print(f"{args.images} JPEG scenes {args.width}x{args.height} (mean {jpeg_kb:.0f} KB), one face "
-          f"box each; train split {len(sources['raw'])} records; {prepared_how} "
-          f"({prepared_mb:.0f} MB of array_record, PNG faces)")
+    made = ", ".join(f"{kind} in {s:.1f} s" for kind, s in seconds.items() if s is not None)
+    print(f"{args.images} JPEG scenes {args.width}x{args.height}, one face box each; train split "
+          f"{len(sources['jpeg'])} records; prepared {made or 'by an earlier run'}")
+    print("storage, MB per 1000 images: " + ", ".join(
+        f"{kind} {mb / args.images * 1000:.1f}" for kind, mb in sizes.items()))
     print(f"pipeline: {args.image_size} px, batch {config.data.global_batch_size}, "
           f"{args.workers} worker(s); {args.repeats} rounds, medians")
     print()
-    print("| measure | raw (records/s) | prepared (records/s) | prepared / raw (per round) |")
-    print("|---|---|---|---|")
-    for what in ("source", "pipeline"):
-        raw, prepared = rates["raw", what], rates["prepared", what]
-        ratios = ", ".join(f"{p / r:.2f}" for r, p in zip(raw, prepared))
-        print(f"| {what} | {statistics.median(raw):.0f} | {statistics.median(prepared):.0f} | "
-              f"{ratios} |")
+    print(f"| format | source (records/s) | / jpeg (per round) | pipeline (examples/s) | "
+          f"/ jpeg (per round) | cores for {args.target:,} ex/s |")
+    print("|---|---|---|---|---|---|")
+    for kind in FORMATS:
+        cells = []
+        for what in ("source", "pipeline"):
+            mine, jpeg = rates[kind, what], rates["jpeg", what]
+            ratios = ", ".join(f"{m / j:.2f}" for m, j in zip(mine, jpeg))
+            cells += [f"{statistics.median(mine):.0f}", ratios]
+        cores = args.target / statistics.median(rates[kind, "pipeline"])
+        print(f"| {kind} | {' | '.join(cells)} | {cores:.0f} |")
 
 
 if __name__ == "__main__":
