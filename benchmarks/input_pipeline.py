@@ -6,6 +6,12 @@ one worker can deliver.
 
   python benchmarks/input_pipeline.py                       # configs/synthetic.py, 0 and 2 workers
   python benchmarks/input_pipeline.py --workers 0 2 8 --batches 200
+  python benchmarks/input_pipeline.py --workers 0 --rendered   # every face already in the cache
+
+With the demo's cached synthetic sources (`cache=True`), the timed batches of a fresh iterator
+mostly render faces (the first epoch); --rendered first renders every training face of every
+cached source into the cache the in-process iterator reads (what later epochs cost). Worker
+processes start with empty caches, so --rendered is for --workers 0.
 """
 
 from __future__ import annotations
@@ -43,6 +49,20 @@ def record_cost_ms(config, records: int) -> dict[str, float]:
     return costs
 
 
+def render_all(config) -> float:
+    """Renders every training face of each cached synthetic source (the source objects the
+    in-process train iterator reads); returns the seconds it took."""
+    start = time.perf_counter()
+    for k, name in enumerate(pipeline.source_names(config.data)):
+        entry = config.data.sources[name]
+        if entry.kind == "synthetic" and entry.get("cache", False) and entry.weight > 0:
+            source = pipeline.build_source(name, entry, split="train", aus=config.data.aus,
+                                           source_index=k)
+            for i in range(len(source)):
+                source[i]
+    return time.perf_counter() - start
+
+
 def iterator_throughput(config, workers: int, batches: int, warmup: int) -> tuple[float, float]:
     """(examples/s after `warmup` batches, seconds to the first batch)."""
     config.data.num_workers = workers
@@ -70,6 +90,9 @@ def main():
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--records", type=int, default=300, help="records timed per source")
+    parser.add_argument("--rendered", action="store_true",
+                        help="render every training face of the cached synthetic sources before "
+                             "timing (with --workers 0 only)")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
     config = load_config(args.config)
@@ -78,6 +101,10 @@ def main():
     print(f"{'source':<20} {'ms/record (1 core)':>18}")
     for name, ms in record_cost_ms(config, args.records).items():
         print(f"{name:<20} {ms:18.3f}")
+    if args.rendered:
+        if any(args.workers):
+            parser.error("--rendered measures the in-process cache: use it with --workers 0")
+        print(f"rendered into the caches first: {render_all(config):.1f} s")
     print()
     print(f"{'workers':>7} {'examples/s':>11} {'first batch s':>13}")
     for workers in args.workers:

@@ -46,7 +46,8 @@ PEAK_TFLOPS = {
 
 # (backbone, image size, global batch, dtype)
 CASES = {
-    "cpu": [("small_cnn", 64, 64, "float32"), ("small_cnn", 96, 64, "float32"),
+    "cpu": [("small_cnn", 48, 64, "float32"), ("small_cnn", 64, 64, "float32"),
+            ("small_cnn", 96, 64, "float32"),
             ("vgg_face", 96, 16, "float32")],
     "gpu": [("small_cnn", 64, 256, "float32"), ("small_cnn", 64, 256, "bfloat16"),
             ("vgg_face", 112, 256, "float32"), ("vgg_face", 112, 256, "bfloat16"),
