@@ -3,8 +3,8 @@
 `vgg_face` is the paper's network (13 conv 3x3 + 5 max-pool, fc 4096, fc 4096, dropout 0.5).
 `resnet50` is torchvision's ResNet-50 trunk, named so that its weights import by renaming.
 `small_cnn` is a fast BatchNorm CNN for CPU demos and tests. The 2x2 pools are a reshape and a
-max (`_pool`); ResNet's 3x3 pool is `nn.max_pool` with keyword arguments, because jax2onnx patches
-it with a keyword-only `window_shape`.
+max with an elementwise gradient (`_pool`); ResNet's 3x3 pool is `nn.max_pool` with keyword
+arguments, because jax2onnx patches it with a keyword-only `window_shape`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,54 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
-def _pool(x):
-    """2x2 max-pool with stride 2 ("VALID": an odd last row or column is dropped), written as a
-    reshape and a max over the two window axes. The same values as `nn.max_pool`, but its
-    gradient is elementwise, where XLA's CPU gradient of a window reduction
-    (select_and_scatter) took about a third of the small_cnn train step (BENCHMARKS.md). On a tie
-    the gradient is shared between the tied inputs instead of going to the first one; after a
-    ReLU the common tie is at 0, where the ReLU passes no gradient either way."""
+def _windows(x):
+    """x [B, H, W, C] as [B, H/2, 2, W/2, 2, C]: its 2x2 windows (an odd last row or column
+    dropped)."""
     b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _pool(x):
+    """2x2 max-pool with stride 2 ("VALID": an odd last row or column is dropped): the values
+    and the gradient of `nn.max_pool`, ties included, computed elementwise.
+
+    The forward pass is a reshape and a max over the two window axes. The gradient goes to the
+    first maximum of each window in row-major order, as `nn.max_pool`'s (XLA's
+    select_and_scatter) and PyTorch's do, but as a select over the four window positions:
+    XLA's CPU gradient of a window reduction took about a third of the small_cnn train step,
+    and the gradient JAX derives for the reshape and max (shared between ties: a count and a
+    division) fused each backward convolution into a slow YNNPACK call (BENCHMARKS.md)."""
+    return _windows(x).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+    y = _pool(x)
+    return y, (x, y)
+
+
+def _pool_bwd(residuals, g):
+    x, y = residuals
+    b, h, w, c = x.shape
+    windows = _windows(x)
+    zero = jnp.zeros_like(g)
+    taken = jnp.zeros(g.shape, bool)   # an earlier position of the window holds the maximum
+    parts = []
+    for i, j in ((0, 0), (0, 1), (1, 0)):
+        hit = (windows[:, :, i, :, j] == y) & ~taken
+        parts.append(jnp.where(hit, g, zero))
+        taken = taken | hit
+    parts.append(jnp.where(taken, zero, g))   # the last position takes what is left
+    rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]
+    dx = jnp.stack(rows, axis=2).reshape(b, h // 2 * 2, w // 2 * 2, c)
+    return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 class SmallCNN(nn.Module):
