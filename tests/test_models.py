@@ -206,3 +206,60 @@ def test_the_2x2_pool_is_max_pool_with_its_gradient(shape):
         ours = jax.grad(lambda v: (backbones._pool(before(v)) * weights).sum())(x)
         theirs = jax.grad(lambda v: (reference(before(v)) * weights).sum())(x)
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_is_flax_batchnorm(train, dtype):
+    import flax.linen as nn
+    rng = np.random.default_rng(0)
+    # Far from zero mean: y = x * a + (bias - mean * a) must not lose what (x - mean) keeps.
+    x = jnp.asarray(rng.normal(4.0, 3.0, (6, 5, 4, 7)), jnp.float32)
+    ours = backbones.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
+    theirs = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
+    init_ours, init_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+    assert jax.tree.structure(init_ours) == jax.tree.structure(init_theirs)
+    for a, b in zip(jax.tree.leaves(init_ours), jax.tree.leaves(init_theirs)):
+        np.testing.assert_array_equal(a, b)
+    params = {"scale": jnp.asarray(rng.normal(1.0, 0.5, 7), jnp.float32),
+              "bias": jnp.asarray(rng.normal(0.0, 0.5, 7), jnp.float32)}
+    stats = {"mean": jnp.asarray(rng.normal(4.0, 1.0, 7), jnp.float32),
+             "var": jnp.asarray(rng.uniform(5.0, 12.0, 7), jnp.float32)}
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def run(module):
+        def loss(p, v):
+            y, updates = module.apply({"params": p, "batch_stats": stats}, v,
+                                      mutable=["batch_stats"])
+            return (y.astype(jnp.float32) * weights).sum(), (y, updates)
+        (_, (y, updates)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, x)
+        return y, updates, grads
+
+    (y1, u1, g1), (y2, u2, g2) = run(ours), run(theirs)
+    assert y1.dtype == y2.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32),
+                               rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves((u1, g1)), jax.tree.leaves((u2, g2))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    if train:   # the running averages moved, by the batch's statistics
+        np.testing.assert_allclose(u1["batch_stats"]["mean"],
+                                   0.9 * stats["mean"] + 0.1 * x.mean((0, 1, 2)), rtol=1e-6)
+
+
+def test_batchnorm_averages_statistics_over_its_axis():
+    import flax.linen as nn
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 1.0, (8, 3, 3, 4)), jnp.float32)
+    whole = nn.BatchNorm(use_running_average=False, momentum=0.9)
+    variables = whole.init(jax.random.key(0), x)
+    y, updates = whole.apply(variables, x, mutable=["batch_stats"])
+    # The batch in two halves, one per (vmapped) device, statistics averaged over both.
+    ours = backbones.BatchNorm(use_running_average=False, momentum=0.9, axis_name="devices")
+    halves, halves_updates = jax.vmap(
+        lambda v: ours.apply(variables, v, mutable=["batch_stats"]), axis_name="devices")(
+        x.reshape(2, 4, 3, 3, 4))
+    np.testing.assert_allclose(halves.reshape(x.shape), y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(halves_updates), jax.tree.leaves(updates)):
+        np.testing.assert_allclose(a[0], b, rtol=1e-6)
+        np.testing.assert_allclose(a[1], b, rtol=1e-6)

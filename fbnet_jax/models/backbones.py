@@ -2,9 +2,11 @@
 
 `vgg_face` is the paper's network (13 conv 3x3 + 5 max-pool, fc 4096, fc 4096, dropout 0.5).
 `resnet50` is torchvision's ResNet-50 trunk, named so that its weights import by renaming.
-`small_cnn` is a fast BatchNorm CNN for CPU demos and tests. The 2x2 pools are a reshape and a
-max with an elementwise gradient (`_pool`); ResNet's 3x3 pool is `nn.max_pool` with keyword
-arguments, because jax2onnx patches it with a keyword-only `window_shape`.
+`small_cnn` is a fast BatchNorm CNN for CPU demos and tests. Its BatchNorm is `nn.BatchNorm` as
+one multiply-add (`BatchNorm`; ResNet-50 keeps `nn.BatchNorm`, see `BatchNorm`); the 2x2 pools
+are a reshape and a max with an elementwise gradient (`_pool`); ResNet's 3x3 pool is
+`nn.max_pool` with keyword arguments, because jax2onnx patches it with a keyword-only
+`window_shape`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,57 @@ def _pool_bwd(residuals, g):
 _pool.defvjp(_pool_fwd, _pool_bwd)
 
 
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm` over the last axis (same variables, statistics and running averages),
+    normalising as one multiply-add per element: y = x * a + (bias - mean * a), with
+    a = scale / sqrt(var + epsilon), the form PyTorch's CPU kernel uses.
+
+    `nn.BatchNorm` computes (x - mean) * a + bias, and its gradient keeps x - mean, a second
+    full-size copy of every map; here the gradient needs only x, which the convolution's
+    gradient keeps anyway. The values agree with `nn.BatchNorm`'s to float32 rounding
+    (tests/test_models.py); BENCHMARKS.md has the speed. `small_cnn` uses it; ResNet-50 keeps
+    `nn.BatchNorm`, because jax2onnx 0.17.1 turns this form inside ResNet-50 into an ONNX graph
+    that ONNX Runtime loads but computes wrongly (the export's parity check refuses it).
+
+    Attributes:
+      use_running_average: normalise with the running averages (evaluation) instead of the
+        batch's statistics (training, which also updates the running averages).
+      momentum: decay of the running averages.
+      epsilon: added to the variance.
+      dtype: dtype of the result (statistics and the multiply-add are float32 at least).
+      axis_name: under `jax.pmap` / `shard_map`, the axis the batch statistics are averaged
+        over.
+    """
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean, mean2 = x32.mean(axes), jnp.square(x32).mean(axes)
+            if self.axis_name is not None and not self.is_initializing():
+                mean, mean2 = jax.lax.pmean(jnp.stack([mean, mean2]), self.axis_name)
+            var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        a = scale * jax.lax.rsqrt(var + self.epsilon)
+        return (x32 * a + (bias - mean * a)).astype(dtype)
+
+
 class SmallCNN(nn.Module):
     """Stages of [conv 3x3 -> BatchNorm -> ReLU] each followed by a 2x2 max-pool, then a dense layer.
 
@@ -88,8 +141,8 @@ class SmallCNN(nn.Module):
         x = x.astype(self.dtype)
         for width in self.widths:
             x = nn.Conv(width, (3, 3), use_bias=False, dtype=self.dtype)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                             axis_name=self.bn_axis_name)(x)
+            x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                          axis_name=self.bn_axis_name)(x)
             x = _pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype)(x))
