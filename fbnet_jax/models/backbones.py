@@ -50,14 +50,13 @@ def _pool_bwd(residuals, g):
     x, y = residuals
     b, h, w, c = x.shape
     windows = _windows(x)
-    zero = jnp.zeros_like(g)
     taken = jnp.zeros(g.shape, bool)   # an earlier position of the window holds the maximum
     parts = []
     for i, j in ((0, 0), (0, 1), (1, 0)):
         hit = (windows[:, :, i, :, j] == y) & ~taken
-        parts.append(jnp.where(hit, g, zero))
+        parts.append(jnp.where(hit, g, 0))
         taken = taken | hit
-    parts.append(jnp.where(taken, zero, g))   # the last position takes what is left
+    parts.append(jnp.where(taken, 0, g))   # the last position takes what is left
     rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]
     dx = jnp.stack(rows, axis=2).reshape(b, h // 2 * 2, w // 2 * 2, c)
     return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
@@ -100,7 +99,6 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
         scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
-        dtype = self.dtype or x.dtype
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
@@ -114,7 +112,8 @@ class BatchNorm(nn.Module):
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         a = scale * jax.lax.rsqrt(var + self.epsilon)
-        return (x32 * a + (bias - mean * a)).astype(dtype)
+        # As nn.BatchNorm: without a dtype, the input's promoted with the float32 parameters.
+        return (x32 * a + (bias - mean * a)).astype(self.dtype or x32.dtype)
 
 
 class SmallCNN(nn.Module):
