@@ -56,9 +56,10 @@ def toy_kind(monkeypatch):
     """Makes `pipeline.build_source` build ToySource for sources of kind "toy"."""
     real = pipeline.build_source
 
-    def build_source(name, source_config, *, split, aus, source_index):
+    def build_source(name, source_config, *, split, aus, source_index, **render_cache):
         if source_config.kind != "toy":
-            return real(name, source_config, split=split, aus=aus, source_index=source_index)
+            return real(name, source_config, split=split, aus=aus, source_index=source_index,
+                        **render_cache)
         toy = source_config.toy
         size = toy.num_records if split == "train" else source_config.test_size
         return ToySource(name, source_index, size, split=split, expression=toy.expression,
@@ -196,9 +197,17 @@ def test_a_process_reads_only_its_rows(monkeypatch):
     index = lambda batches: [int(k.rsplit("/", 1)[1]) for b in batches for k in b["key"]]  # noqa: E731
     zeros = index(_batches(config, 0, 2, 6))
     read = []
-    original = ToySource.__getitem__
-    monkeypatch.setattr(ToySource, "__getitem__",
-                        lambda self, i: read.append(int(i)) or original(self, i))
+    original, original_init = ToySource.__getitem__, ToySource.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.watched = True
+
+    # Only the sources built from here on are watched: the closed iterator of process 0 may
+    # still be finishing a read-ahead on its thread.
+    monkeypatch.setattr(ToySource, "__init__", init)
+    monkeypatch.setattr(ToySource, "__getitem__", lambda self, i: (
+        read.append(int(i)) if getattr(self, "watched", False) else None) or original(self, i))
     ones = index(_batches(config, 1, 2, 3))
     assert set(ones) <= set(read)  # (prefetching reads a little ahead)
     assert read and not set(read) & set(zeros)  # nothing of process 0's rows is read
