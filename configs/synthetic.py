@@ -11,11 +11,19 @@ Variants (`--config configs/synthetic.py:VARIANT`):
   "tiny"  a few steps on 32x32 images, for tests.
 """
 
+import os
+
 import ml_collections
 
 from fbnet_jax import evaluators, taxonomy
 
 ConfigDict = ml_collections.ConfigDict
+
+
+def _user_cache_folder(name: str) -> str:
+    """$XDG_CACHE_HOME/fbnet_jax/NAME, by default ~/.cache/fbnet_jax/NAME."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fbnet_jax", name)
 
 
 def _style(**levels):
@@ -41,9 +49,8 @@ def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, 
     return ConfigDict(dict(
         kind="synthetic",          # source type: data_pipelines.pipeline.build_source dispatches on it
         weight=weight,             # mixture weight of this source in training batches
-        cache=cache,               # keep rendered faces in memory (per process, S*S*3 bytes a
-                                   # face): each is rendered once, not once per epoch; the same
-                                   # records either way. Off for large sets with many workers.
+        cache=cache,               # render each face once, not once per epoch (kept where
+                                   # data.render_cache_dir says); the same records either way
         **{k: v for k, v in sizes.items() if v is not None},
         synthetic=ConfigDict(dict(
             num_records=num_records,   # size of the train split (it is repeated with reshuffling)
@@ -83,6 +90,13 @@ def get_config(arg: str = ""):
     data.read_threads = 1                 # grain read threads (per worker)
     data.prefetch_buffer_size = 8         # grain prefetch buffer (batches, per worker)
     data.validate_records = False         # check every record against the schema (slower)
+    # Where sources with `cache` keep their rendered faces: a folder (the demo's: the user's
+    # cache folder): rendered there before training by `render_processes` processes (0: one per
+    # core), once for every run that uses the same sets, and read from there by every process
+    # (data_pipelines/render_cache.py; about 0.4 GB for the demo's sets); "": in each process's
+    # memory, rendered as they are first read (the tiny variant, for tests).
+    data.render_cache_dir = "" if tiny else _user_cache_folder("synthetic_faces")
+    data.render_processes = 0
     data.augment = ConfigDict(dict(
         flip=0.5,          # probability of a horizontal flip
         max_shift=0.06,    # largest random shift, as a fraction of the image side

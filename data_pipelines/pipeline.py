@@ -113,7 +113,8 @@ def source_names(data_config: ml_collections.ConfigDict) -> list[str]:
 
 
 def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: str,
-                 aus: Sequence[int], source_index: int) -> grain.sources.RandomAccessDataSource:
+                 aus: Sequence[int], source_index: int, render_cache_dir: str = "",
+                 render_processes: int = 0) -> grain.sources.RandomAccessDataSource:
     """Builds one dataset of the mixture from its config entry.
 
     Args:
@@ -122,6 +123,10 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
       split: "train", or an evaluation split such as "test".
       aus: the configured AU list; every record's `au` follows it.
       source_index: the value written into each record's `source`.
+      render_cache_dir, render_processes: `config.data`'s fields of those names: where a
+        synthetic source with `cache=True` keeps its rendered faces ("": in this process's
+        memory; a folder: `data_pipelines.render_cache`, rendered there first if missing) and
+        with how many processes it renders them there.
 
     Returns:
       A random-access source of schema records.
@@ -132,7 +137,8 @@ def build_source(name: str, source_config: ml_collections.ConfigDict, *, split: 
     kind = source_config.kind
     if kind == "synthetic":
         return _synthetic_source(name, source_config, split=split, aus=aus,
-                                 source_index=source_index)
+                                 source_index=source_index, render_cache_dir=render_cache_dir,
+                                 render_processes=render_processes)
     if _is_dataset(kind):
         if split not in DATASET_SPLITS:
             raise ValueError(f"source {name!r} has no split {split!r}; dataset sources have "
@@ -167,6 +173,13 @@ def _dataset_source(name: str, kind: str, root: str, split: str, dataset: str | 
             unreadable="next" if split == "train" else "mask", **dict(options))
     logging.info("source %s: %s", name, source.info().line())
     return source
+
+
+def render_cache_fields(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`build_source`'s render-cache arguments from `config.data` (configs saved before the
+    fields existed cache in memory)."""
+    return dict(render_cache_dir=str(data_config.get("render_cache_dir", "") or ""),
+                render_processes=int(data_config.get("render_processes", 0)))
 
 
 def source_splits(source_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -265,7 +278,8 @@ def _dataset_problems(path: str, source: ml_collections.ConfigDict) -> list[str]
     return problems
 
 
-def _synthetic_source(name, source_config, *, split, aus, source_index):
+def _synthetic_faces(name, source_config, *, split, aus, source_index):
+    """The records of a synthetic source's split, rendered as they are read (no cache)."""
     num_records = _split_size(name, source_config, split)
     # Imported here so that the pipeline (and every other kind) works without the generator.
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
@@ -275,20 +289,63 @@ def _synthetic_source(name, source_config, *, split, aus, source_index):
     if fields.get("label_aus") is not None:
         fields["label_aus"] = tuple(fields["label_aus"])
     spec = synthetic.SyntheticSpec(**fields, style=style)
-    if source_config.get("cache", False):
-        # One cached source per split and process: periodic evaluations find their split
-        # rendered.
-        return _cached_synthetic(spec, split, num_records, tuple(aus), source_index, name)
     return synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=tuple(aus),
                                     source_index=source_index, name=name)
 
 
+def _synthetic_source(name, source_config, *, split, aus, source_index, render_cache_dir="",
+                      render_processes=0):
+    faces = _synthetic_faces(name, source_config, split=split, aus=aus,
+                             source_index=source_index)
+    if not source_config.get("cache", False):
+        return faces
+    # One cached source per split and process: periodic evaluations find their split
+    # rendered.
+    return _cached_synthetic(faces.spec, split, len(faces), faces.aus, source_index, name,
+                             str(render_cache_dir or ""), int(render_processes))
+
+
 @functools.lru_cache(maxsize=64)
-def _cached_synthetic(spec, split: str, num_records: int | None, aus: tuple[int, ...],
-                      source_index: int, name: str):
+def _cached_synthetic(spec, split: str, num_records: int, aus: tuple[int, ...],
+                      source_index: int, name: str, render_cache_dir: str,
+                      render_processes: int):
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    if render_cache_dir:
+        from data_pipelines import render_cache  # pylint: disable=g-import-not-at-top
+        faces = synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=aus,
+                                         source_index=source_index, name=name)
+        return render_cache.open_set(faces, render_cache_dir, render_processes)
     return synthetic.SyntheticFaces(spec, split=split, num_records=num_records, aus=aus,
                                     source_index=source_index, name=name, cache=True)
+
+
+def render_ahead(data_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """Renders every split of every cached synthetic source into `data_config.render_cache_dir`
+    that the folder does not hold yet, with `render_processes` processes sharing all of them.
+
+    Returns `render_cache.render`'s summary, or None when `render_cache_dir` is empty (faces
+    are then cached in each process's memory as they are read).
+    """
+    directory = str(data_config.get("render_cache_dir", "") or "")
+    if not directory:
+        return None
+    from data_pipelines import render_cache  # pylint: disable=g-import-not-at-top
+    aus = taxonomy.check_au_list(data_config.aus)
+    sets = [_synthetic_faces(name, data_config.sources[name], split=split, aus=aus,
+                             source_index=k)
+            for k, name in enumerate(source_names(data_config))
+            if data_config.sources[name].kind == "synthetic"
+            and data_config.sources[name].get("cache", False)
+            for split in source_splits(data_config.sources[name])]
+    summary = render_cache.render(sets, directory, int(data_config.get("render_processes", 0)))
+    line = f"render cache {directory}: {summary['present']} of {len(sets)} sets already there"
+    if summary["rendered"]:
+        line += (f"; rendered {summary['rendered']} ({summary['faces']} faces, "
+                 f"{summary['bytes'] / 1e6:.0f} MB) in {summary['seconds']:.1f} s with "
+                 f"{summary['processes']} process(es), "
+                 f"{summary['faces'] / summary['seconds']:.0f} faces/s")
+    logging.info("%s", line)
+    return summary
 
 
 def _split_size(name: str, source_config: ml_collections.ConfigDict, split: str) -> int | None:
@@ -458,7 +515,7 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
         if weights[k] == 0:  # not trained on; still evaluated, and keeps its index
             continue
         source = workers.Noted(build_source(name, data.sources[name], split="train", aus=aus,
-                                            source_index=k), name)
+                                            source_index=k, **render_cache_fields(data)), name)
         if len(source) == 0:
             raise ValueError(f"source {name!r} has no training examples")
         labels = getattr(source, "expression_labels", None)
@@ -593,7 +650,7 @@ class EvalBatches:
             if sources is not None and name not in sources:
                 continue
             source = build_source(name, data.sources[name], split=split, aus=self._aus,
-                                  source_index=k)
+                                  source_index=k, **render_cache_fields(data))
             # Shard p of a source of n examples holds indices p, p + P, ...: len(range(p, n, P)).
             shard_sizes += [len(range(p, len(source), process_count))
                             for p in range(process_count)]

@@ -224,6 +224,8 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
 # restarted and compared with today's configs.
 ADDED_FIELDS = {
     "model.init_from": "",
+    "data.render_cache_dir": "",
+    "data.render_processes": 0,
     "parallel.mode": "jit",
     "train.grad_accum_steps": 1,
     "train.nonfinite": "stop",

@@ -17,6 +17,7 @@ what is allowed), so a typo in `evals.test.split` fails in a second, not after t
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +35,8 @@ from fbnet_jax.errors import ConfigError
 FREE_FIELDS = (
     "name",
     "data.num_workers", "data.eval_batch_size", "data.read_threads", "data.prefetch_buffer_size",
-    "data.worker_buffer_size", "data.validate_records",
+    "data.worker_buffer_size", "data.validate_records", "data.render_cache_dir",
+    "data.render_processes",
     "data.sources.*.validation_size", "data.sources.*.test_size", "data.sources.*.cache",
     "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
     "train.profile_steps", "train.nonfinite",
@@ -110,6 +112,20 @@ def _one_of(problems, path, value, allowed):
         problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def _folder_problem(path: str) -> str | None:
+    """Why `path` cannot be a folder this process writes into (None: it can)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return f"{path} exists and is not a folder"
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"cannot create {path}: {parent} is not a writable folder"
+    return None
+
+
 def _check_data(config, problems, num_devices, num_processes):
     data = config.data
     _range(problems, "data.image_size", data.image_size, 1, integer=True)
@@ -129,6 +145,16 @@ def _check_data(config, problems, num_devices, num_processes):
     _range(problems, "data.worker_buffer_size", data.worker_buffer_size, 1, integer=True)
     _range(problems, "data.read_threads", data.read_threads, 1, integer=True)
     _range(problems, "data.prefetch_buffer_size", data.prefetch_buffer_size, 0, integer=True)
+    _range(problems, "data.render_processes", data.get("render_processes", 0), 0, integer=True)
+    cache_dir = data.get("render_cache_dir", "")
+    if not isinstance(cache_dir, str):
+        problems.append(f"data.render_cache_dir: must be a folder or '' (memory), got "
+                        f"{cache_dir!r}")
+    elif cache_dir:
+        problem = _folder_problem(os.path.expanduser(cache_dir))
+        if problem:
+            problems.append(f"data.render_cache_dir: {problem} (or set it to '' to keep "
+                            f"rendered faces in each process's memory)")
     _range(problems, "data.augment.flip", data.augment.flip, 0, 1)
     for field in ("max_shift", "max_scale", "brightness", "contrast"):
         _range(problems, f"data.augment.{field}", data.augment[field], 0, 1, high_open=True)

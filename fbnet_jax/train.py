@@ -433,6 +433,7 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
             log.info("resumed from the checkpoint of step %d", latest)
         elif is_main:
             log.info("no checkpoint in %s: starting at step 0", workdir)
+        pipeline.render_ahead(config.data)  # with data.render_cache_dir: faces rendered once
         # The data order is a function of the step: the iterator starts at the step's batch.
         data_iterator = pipeline.build_train_iterator(config, start_step=latest or 0)
         writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_main else None

@@ -23,10 +23,18 @@ def _fbnet(*args, env_extra=None, new_session=False):
 
 def test_train_then_eval_from_the_command_line(tmp_path):
     workdir = tmp_path / "run"
+    faces = tmp_path / "faces"   # the render cache, rendered by two spawned processes
     process = _fbnet("train", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-                     "--config.train.num_steps=3", "--config.evals.validation.every=0")
+                     "--config.train.num_steps=3", "--config.evals.validation.every=0",
+                     f"--config.data.render_cache_dir={faces}",
+                     "--config.data.render_processes=2",
+                     "--config.data.sources.affwild2_like.synthetic.num_records=4000")
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
+    # 3 sources x (train 400 or 4000, validation 16, test 24) faces of 32 x 32 x 3 bytes.
+    assert re.search(rf"render cache {faces}: 0 of 9 sets already there; rendered 9 "
+                     r"\(4920 faces, 15 MB\) in [\d.]+ s with 2 process\(es\)", out), out
+    assert len(list(faces.glob("*/images.npy"))) == 9
     assert "steps/s" in out and "ex/s" in out and "ETA" in out  # the progress line
     assert "expr acc" in out and "CCC mean" in out              # the final table
     results = json.loads((workdir / "metrics.json").read_text())
@@ -36,6 +44,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     process = _fbnet("eval", "--workdir", str(workdir))
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
+    assert "render cache" not in out   # the run's faces, read from its cache folder
     again = json.loads((workdir / "eval" / "test_step3.json").read_text())
     assert again["test/expression_accuracy"] == results["test/expression_accuracy"]
     # Each evaluation leaves a report beside its metrics; the final one in <workdir>/report.

@@ -81,7 +81,7 @@ def test_it_trains(tmp_path, args):
     result = subprocess.run(
         [sys.executable, "-m", "fbnet_jax.main", "train", *args, "--workdir", str(tmp_path),
          "--config.train.num_steps=2", "--config.evals.validation.every=0",
-         "--config.data.eval_batch_size=4", *small_splits],
+         "--config.data.eval_batch_size=4", "--config.data.render_cache_dir=", *small_splits],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=1200, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
