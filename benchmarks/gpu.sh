@@ -3,7 +3,8 @@
 # vgg_face and resnet50 in bfloat16 at batches that fill the GPU (benchmarks/train_throughput.py
 # --cases gpu_mfu: FLOPs from XLA's cost analysis of the compiled step, peak from the device's
 # datasheet, PEAK_TFLOPS there), then one end-to-end `fbnet train` of the default experiment with
-# worker processes, whose log gives its ex/s. Results go to BENCHMARKS.md by hand, with the
+# worker processes, whose log gives its ex/s and the time to render its faces ahead (into an
+# empty render cache, one process per core). Results go to BENCHMARKS.md by hand, with the
 # machine and versions this prints first.
 #
 #   bash benchmarks/gpu.sh                 # the python on PATH (a jax with its CUDA plugin)
@@ -36,5 +37,6 @@ start=$(date +%s)
 timeout 150 "$PY" -m fbnet_jax.main train --workdir "$workdir/run" \
     --config.data.num_workers="$WORKERS" --config.data.global_batch_size=256 \
     --config.train.num_steps=600 --config.train.log_every=100 \
-    --config.evals.validation.every=0 2>&1 | grep -E "compiled|ex/s|^all " || true
+    --config.data.render_cache_dir="$workdir/faces" \
+    --config.evals.validation.every=0 2>&1 | grep -E "render cache|compiled|ex/s|^all " || true
 echo "wall: $(( $(date +%s) - start )) s (start-up, compilation and the final evaluation included)"

@@ -1,17 +1,21 @@
 """Reading faces, per format: raw JPEGs, the PNG and raw uint8 copies `fbnet prepare` writes,
-and synthetic rendering (each time, or once into the source's cache).
+and synthetic rendering (each time, once into the source's memory cache, or once ahead into
+render-cache files).
 
 Writes a fixture dataset in the manifest format (N full-scene JPEGs, 640x480 by default, each
 with one face box, labelled with an expression), prepares it twice with `fbnet prepare`'s
 function (PNG faces as served; raw uint8 faces at --image_size, `--option image_size=N`), then
-measures, side by side and alternating over `--repeats` rounds, four formats:
+measures, side by side and alternating over `--repeats` rounds, six formats:
 
   jpeg       decode the scene JPEG, crop the face box (widened by the margin);
   png        the prepared copy: decode the PNG face;
   uint8      the prepared copy at the training size: no decoding, no resizing;
   synthetic  render a face of configs/synthetic.py's affwild2_like source at --image_size;
-  cached     the same source with `cache=True`, every face already rendered once (what every
-             epoch after the first costs);
+  cached     the same source with `cache=True`, every face already rendered once into the
+             process's memory (what every epoch after the first costs);
+  render_cache  the same source with `cache=True` and `data.render_cache_dir`: every face
+             rendered ahead into files by --render_processes processes (timed and printed),
+             read from there (what every epoch costs, the first included, in every worker);
 
 and two measures:
 
@@ -70,7 +74,7 @@ def write_dataset(folder: Path, images: int, width: int, height: int) -> None:
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
 
 
-FORMATS = ("jpeg", "png", "uint8", "synthetic", "cached")
+FORMATS = ("jpeg", "png", "uint8", "synthetic", "cached", "render_cache")
 
 
 class _Head:
@@ -120,6 +124,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--synthetic_records", type=int, default=0,
                         help="faces in the synthetic train split (0: the config's)")
+    parser.add_argument("--render_processes", type=int, default=0,
+                        help="processes rendering the render_cache format's files (0: one per "
+                             "core)")
     parser.add_argument("--target", type=int, default=20_000,
                         help="examples/s of the step to feed (the last column)")
     args = parser.parse_args()
@@ -142,6 +149,7 @@ def main() -> None:
         config = config_files.load("synthetic")
         config.data.image_size = args.image_size
         config.data.num_workers = args.workers
+        config.data.render_cache_dir = ""   # cached: in memory; render_cache: below
         synthetic = config.data.sources.affwild2_like.copy_and_resolve_references()
         synthetic.cache = False
         if args.synthetic_records:
@@ -153,15 +161,20 @@ def main() -> None:
             "png": pipeline.prepared_source("manifest", str(data_dir)),
             "uint8": pipeline.prepared_source("manifest", str(data_dir),
                                               prepared_image_size=args.image_size),
-            "synthetic": synthetic, "cached": cached}
+            "synthetic": synthetic, "cached": cached, "render_cache": cached}
         configs, sources = {}, {}
         for kind, entry in entries.items():
             configs[kind] = config.copy_and_resolve_references()
             with configs[kind].unlocked():
                 configs[kind].data.sources = type(config.data.sources)({"faces": entry})
-            sources[kind] = pipeline.build_source("faces", configs[kind].data.sources.faces,
-                                                  split="train", aus=config.data.aus,
-                                                  source_index=0)
+            if kind == "render_cache":
+                configs[kind].data.render_cache_dir = str(workdir / "render_cache")
+                configs[kind].data.render_processes = args.render_processes
+                with contextlib.redirect_stdout(io.StringIO()):
+                    rendered = pipeline.render_ahead(configs[kind].data)
+            sources[kind] = pipeline.build_source(
+                "faces", configs[kind].data.sources.faces, split="train", aus=config.data.aus,
+                source_index=0, **pipeline.render_cache_fields(configs[kind].data))
         # The cached source (the one object the pipeline builds too) renders every face once.
         for i in range(len(sources["cached"])):
             sources["cached"][i]
@@ -178,6 +191,12 @@ def main() -> None:
     made = ", ".join(f"{kind} in {s:.1f} s" for kind, s in seconds.items() if s is not None)
     print(f"{args.images} JPEG scenes {args.width}x{args.height}, one face box each; train split "
           f"{len(sources['jpeg'])} records; prepared {made or 'by an earlier run'}")
+    if rendered["rendered"]:
+        print(f"render_cache: every split of the synthetic source, {rendered['faces']} faces, "
+              f"rendered ahead in {rendered['seconds']:.1f} s by {rendered['processes']} "
+              f"process(es): {rendered['faces'] / rendered['seconds']:.0f} faces/s")
+    else:
+        print("render_cache: rendered by an earlier run")
     print("storage, MB per 1000 images: " + ", ".join(
         f"{kind} {mb / args.images * 1000:.1f}" for kind, mb in sizes.items()))
     print(f"pipeline: {args.image_size} px, batch {config.data.global_batch_size}, "
