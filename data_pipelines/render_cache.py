@@ -19,14 +19,20 @@ renderer, and the versions of OpenCV and numpy, which draw the pixels. Records s
 folder are equal to the ones `SyntheticFaces` renders (tests/test_render_cache.py). A folder
 that is incomplete or does not match its name is reported, removed and rendered again; a render
 that is stopped half-way leaves only a temporary folder (".NAME.tmp-..."), which is removed on
-the way out. Several processes may render the same set at once (a multi-host run on a shared
-file system): each writes its own temporary folder, the first to finish renames it into place,
-the others use that one and delete theirs.
+the way out. Processes that share a folder take turns through a lock on its `.lock` file: the
+first renders, the others wait and then find its sets. Where the file system has no locks,
+several may render the same set at once: each writes its own temporary folder, the first to
+finish renames it into place, the others use that one and delete theirs.
+
+The rendering processes are spawned, not forked, so a script of one's own that trains (or calls
+`render`) must keep its top-level code under `if __name__ == "__main__":`, as for grain's worker
+processes; `fbnet` does.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import hashlib
@@ -42,6 +48,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:   # Windows: no lock
+    fcntl = None
+
 import cv2
 import grain
 import numpy as np
@@ -56,6 +67,7 @@ log = logging.getLogger("fbnet.data")
 # Bumped when the files' layout changes (the pixels are covered by the code hash).
 FORMAT_VERSION = 1
 IMAGES_FILE, LABELS_FILE, META_FILE = "images.npy", "labels.npz", "meta.json"
+LOCK_FILE = ".lock"
 _LABEL_FIELDS = (schema.EXPRESSION, schema.COMPOUND, schema.AU, schema.VA)
 # Records per rendering task: enough that a task outweighs handing it over, few enough that the
 # processes finish close together.
@@ -152,6 +164,43 @@ def render(sets: Sequence[synthetic.SyntheticFaces], directory: str | os.PathLik
       OSError: writing a set's files failed (it names the path).
     """
     root = Path(directory).expanduser()
+    todo, present = _missing(root, sets)
+    if not todo:
+        return _summary(present, todo, 0)
+    _check_writable(root)
+    with _lock(root):
+        # What another process rendered while this one waited for the lock is there now.
+        todo, present = _missing(root, sets)
+        processes = max(1, min(processes or default_processes(),
+                               sum(len(f) for f in todo) // FACES_PER_PROCESS))
+        summary = _summary(present, todo, processes if todo else 0)
+        if not todo:
+            return summary
+        stale = sorted(p.name for p in root.glob(".*.tmp-*"))
+        if stale:
+            log.warning("render cache: %s holds %d unfinished folder(s) (%s): renders that were "
+                        "killed, or run now by another host; delete them when none is rendering",
+                        root, len(stale), ", ".join(stale[:3]) + (", ..." if len(stale) > 3
+                                                                   else ""))
+        start = time.perf_counter()
+        temporaries = [root / f".{set_folder(root, f).name}.tmp-{uuid.uuid4().hex[:8]}"
+                       for f in todo]
+        try:
+            labels = _render_all(todo, temporaries, processes)
+            seconds = time.perf_counter() - start
+            for faces, temporary, set_labels in zip(todo, temporaries, labels):
+                _finish(faces, temporary, set_folder(root, faces), set_labels, seconds,
+                        processes)
+        finally:
+            for temporary in temporaries:
+                shutil.rmtree(temporary, ignore_errors=True)
+        summary["seconds"] = time.perf_counter() - start
+        return summary
+
+
+def _missing(root: Path, sets) -> tuple[list[synthetic.SyntheticFaces], int]:
+    """(the sets `root` does not hold complete, how many it does); unusable folders are
+    reported and removed."""
     todo, present = [], 0
     for faces in sets:
         folder = set_folder(root, faces)
@@ -163,14 +212,16 @@ def render(sets: Sequence[synthetic.SyntheticFaces], directory: str | os.PathLik
             log.warning("render cache: %s is unusable (%s); rendering it again", folder, problem)
             shutil.rmtree(folder)
         todo.append(_plain(faces))
-    summary = dict(present=present, rendered=len(todo), faces=sum(len(f) for f in todo),
-                   bytes=sum(len(f) * 3 * f.spec.image_size ** 2 for f in todo), seconds=0.0,
-                   processes=0)
-    if not todo:
-        return summary
-    processes = max(1, min(processes or default_processes(),
-                           summary["faces"] // FACES_PER_PROCESS))
-    summary["processes"] = processes
+    return todo, present
+
+
+def _summary(present: int, todo, processes: int) -> dict[str, Any]:
+    return dict(present=present, rendered=len(todo), faces=sum(len(f) for f in todo),
+                bytes=sum(len(f) * 3 * f.spec.image_size ** 2 for f in todo), seconds=0.0,
+                processes=processes)
+
+
+def _check_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{uuid.uuid4().hex[:8]}"
@@ -181,24 +232,34 @@ def render(sets: Sequence[synthetic.SyntheticFaces], directory: str | os.PathLik
             f"data.render_cache_dir: cannot write rendered faces into {root} "
             f"({error.strerror or error}); set --config.data.render_cache_dir to a writable "
             f"folder, or to '' to keep them in each process's memory") from error
-    stale = sorted(p.name for p in root.glob(".*.tmp-*"))
-    if stale:
-        log.warning("render cache: %s holds %d unfinished folder(s) (%s): renders that were "
-                    "killed, or run now by another process; delete them when none is rendering",
-                    root, len(stale), ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else ""))
-    start = time.perf_counter()
-    temporaries = [root / f".{set_folder(root, f).name}.tmp-{uuid.uuid4().hex[:8]}"
-                   for f in todo]
-    try:
-        labels = _render_all(todo, temporaries, processes)
-        seconds = time.perf_counter() - start
-        for faces, temporary, set_labels in zip(todo, temporaries, labels):
-            _finish(faces, temporary, set_folder(root, faces), set_labels, seconds, processes)
-    finally:
-        for temporary in temporaries:
-            shutil.rmtree(temporary, ignore_errors=True)
-    summary["seconds"] = time.perf_counter() - start
-    return summary
+
+
+@contextlib.contextmanager
+def _lock(root: Path):
+    """Holds `root/.lock`, so that processes of one host (one per GPU, say) render a folder's
+    sets once, one after the other, instead of all at once. Where the file system has no locks,
+    nothing is held: racing processes then render the same sets and keep the first copy."""
+    if fcntl is None:
+        yield
+        return
+    with open(root / LOCK_FILE, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            log.info("render cache: waiting for another process rendering into %s", root)
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX)
+                locked = True
+            except OSError:
+                locked = False
+        except OSError:
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def _render_all(todo, temporaries, processes: int) -> list[dict[str, np.ndarray]]:

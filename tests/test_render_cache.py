@@ -1,10 +1,13 @@
 """The render cache: synthetic faces rendered once into files, equal to the rendered records."""
 
 import errno
+import fcntl
 import logging
 import os
 import pickle
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,7 +141,7 @@ def test_a_render_that_fails_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         render_cache.render([faces], tmp_path, processes=1)
     assert calls == [(0, 8), (8, 16)]
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [render_cache.LOCK_FILE]
     monkeypatch.setattr(render_cache, "_render_chunk", real)
     assert render_cache.render([faces], tmp_path, processes=1)["rendered"] == 1
 
@@ -154,7 +157,7 @@ def test_a_full_disk_is_one_clear_error_before_any_face_is_written(tmp_path, mon
         f"data.render_cache_dir: no room for set/train's rendered faces (0.1 MB) in {tmp_path} (No "
         f"space left on device); free space there, set --config.data.render_cache_dir to another "
         f"folder, or to '' to keep them in each process's memory")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [render_cache.LOCK_FILE]
     # A file system without fallocate: the file stays sparse, and the render goes on.
     monkeypatch.setattr(os, "posix_fallocate", lambda *args: (_ for _ in ()).throw(
         OSError(errno.EOPNOTSUPP, "Operation not supported")))
@@ -167,7 +170,7 @@ def test_unfinished_folders_of_killed_renders_are_reported(tmp_path, caplog):
         render_cache.render([_faces()], tmp_path, processes=1)
     assert [r.getMessage() for r in caplog.records] == [
         f"render cache: {tmp_path} holds 1 unfinished folder(s) (.set.train.0123.tmp-abcd1234): "
-        f"renders that were killed, or run now by another process; delete them when none is "
+        f"renders that were killed, or run now by another host; delete them when none is "
         f"rendering"]
     assert (tmp_path / ".set.train.0123.tmp-abcd1234").exists()   # not ours to delete
 
@@ -210,7 +213,7 @@ def test_the_pipeline_reads_the_same_batches_from_the_cache(tiny_config, tmp_pat
     # validation).
     summary = pipeline.render_ahead(config.data)
     assert (summary["present"], summary["rendered"]) == (0, 9)
-    assert len(list((tmp_path / "cache").iterdir())) == 9
+    assert len(list((tmp_path / "cache").glob("*.*.*/images.npy"))) == 9
     disk = first_batch(config)
     assert memory.keys() == disk.keys()
     for field in memory:
@@ -265,3 +268,29 @@ def test_the_render_cache_may_change_on_a_restart(tiny_config):
     assert config_checks.check_restart(tiny_config, changed, step=4) == [
         "changed (no effect on the training): data.render_cache_dir: '' -> '/somewhere'",
         "changed (no effect on the training): data.render_processes: 0 -> 3"]
+
+
+def test_processes_of_one_host_render_a_folder_one_after_the_other(tmp_path, caplog):
+    faces = _faces()
+    render_cache.render([faces], tmp_path / "other", processes=1)
+    root = tmp_path / "mine"
+    root.mkdir()
+    outcome = {}
+    with open(root / render_cache.LOCK_FILE, "a+") as held:   # another process renders
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with caplog.at_level(logging.INFO, logger="fbnet.data"):
+            waiting = threading.Thread(target=lambda: outcome.update(
+                render_cache.render([faces], root, processes=1)))
+            waiting.start()
+            deadline = time.time() + 30
+            while not caplog.records and time.time() < deadline:
+                time.sleep(0.01)
+            assert [r.getMessage() for r in caplog.records] == [
+                f"render cache: waiting for another process rendering into {root}"]
+            assert waiting.is_alive()
+            # The other process finishes the set, and lets go.
+            shutil.copytree(render_cache.set_folder(tmp_path / "other", faces),
+                            render_cache.set_folder(root, faces))
+            fcntl.flock(held, fcntl.LOCK_UN)
+            waiting.join(30)
+    assert (outcome["present"], outcome["rendered"]) == (1, 0)   # nothing rendered twice
