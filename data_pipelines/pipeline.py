@@ -326,7 +326,8 @@ def render_ahead(data_config: ml_collections.ConfigDict) -> dict[str, Any] | Non
     Returns `render_cache.render`'s summary, or None when `render_cache_dir` is empty (faces
     are then cached in each process's memory as they are read).
     """
-    directory = str(data_config.get("render_cache_dir", "") or "")
+    fields = render_cache_fields(data_config)
+    directory = fields["render_cache_dir"]
     if not directory:
         return None
     from data_pipelines import render_cache  # pylint: disable=g-import-not-at-top
@@ -337,7 +338,7 @@ def render_ahead(data_config: ml_collections.ConfigDict) -> dict[str, Any] | Non
             if data_config.sources[name].kind == "synthetic"
             and data_config.sources[name].get("cache", False)
             for split in source_splits(data_config.sources[name])]
-    summary = render_cache.render(sets, directory, int(data_config.get("render_processes", 0)))
+    summary = render_cache.render(sets, directory, fields["render_processes"])
     line = f"render cache {directory}: {summary['present']} of {len(sets)} sets already there"
     if summary["rendered"]:
         line += (f"; rendered {summary['rendered']} ({summary['faces']} faces, "

@@ -347,7 +347,7 @@ class RenderedFaces(grain.sources.RandomAccessDataSource):
     """
 
     def __init__(self, faces: synthetic.SyntheticFaces, folder: str | os.PathLike):
-        self.faces = _plain(faces)
+        self.faces = faces
         self.folder = Path(folder)
         with np.load(self.folder / LABELS_FILE) as labels:
             self._labels = {field: labels[field] for field in _LABEL_FIELDS}
@@ -373,7 +373,7 @@ class RenderedFaces(grain.sources.RandomAccessDataSource):
     def labels(self, index: int) -> schema.Record:
         """Record `index` without its image."""
         index = self._check(index)
-        return {schema.KEY: f"{self.faces.name}/{self.faces.split}/{index:07d}",
+        return {schema.KEY: self.faces.key(index),
                 schema.SOURCE: np.int32(self.faces.source_index),
                 **{field: self._labels[field][index] for field in _LABEL_FIELDS}}
 

@@ -297,6 +297,10 @@ class SyntheticFaces(grain.sources.RandomAccessDataSource):
                 f"num_records={self.num_records}, aus={self.aus}, "
                 f"source_index={self.source_index}, name={self.name!r})")
 
+    def key(self, index: int) -> str:
+        """The `key` of record `index`."""
+        return f"{self.name}/{self.split}/{index:07d}"
+
     def labels_and_look(self, index: int) -> tuple[FaceLabels, Look]:
         """The ground truth and the scene of record `index`, before rendering."""
         if self.spec.video_frames:
@@ -354,7 +358,7 @@ class SyntheticFaces(grain.sources.RandomAccessDataSource):
         image = paint(look, au_map, self.spec.image_size, self.spec.style.tint)
         au = np.where(self._au_published, labels.au_active, schema.MISSING_AU)
         return schema.make_record(
-            image, key=f"{self.name}/{self.split}/{index:07d}", source=self.source_index,
+            image, key=self.key(index), source=self.source_index,
             expression=(labels.expression if self._publish_class and labels.expression >= 0
                         else None),
             compound=labels.compound if self._publish_class and labels.compound >= 0 else None,
