@@ -69,10 +69,17 @@ def test_the_installed_command_trains_from_another_directory(installed, tmp_path
         assert Path(path).is_relative_to(installed), where.stdout
     assert Path(config_dir) == installed / "fbnet_jax" / "configs"
     fbnet = installed / "bin" / "fbnet"
-    for name in ("synthetic:tiny", "configs/synthetic.py:tiny"):  # by name, as in the README
+    # The second run renders its faces ahead into a relative folder with two spawned
+    # processes, which import the generator from the wheel too.
+    render = ["--config.data.render_cache_dir=faces", "--config.data.render_processes=2",
+              "--config.data.sources.affwild2_like.synthetic.num_records=4000"]
+    for name, extra in (("synthetic:tiny", []), ("configs/synthetic.py:tiny", render)):
         result = _run(installed, tmp_path, str(fbnet), "train", "--config", name,
                       "--workdir", f"runs/{name.split(':')[0].replace('/', '_')}",
-                      "--config.train.num_steps=2", "--config.evals.validation.every=0")
+                      "--config.train.num_steps=2", "--config.evals.validation.every=0", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
+    assert "rendered 9 (4920 faces, 15 MB)" in result.stderr + result.stdout
+    assert "with 2 process(es)" in result.stderr + result.stdout
+    assert len(list((tmp_path / "faces").glob("*/images.npy"))) == 9
     assert (tmp_path / "runs" / "synthetic" / "metrics.json").exists()
     assert (tmp_path / "runs" / "configs_synthetic.py" / "metrics.json").exists()
