@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+import fbnet_jax
 from fbnet_jax import losses, parallel, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.models import backbones
@@ -400,8 +401,11 @@ def matmul_peaks(n: int) -> dict[tuple[str, str], float]:
 # ------------------------------------------------------------------------------------------
 # Output.
 
-def print_header(args):
+def print_header(args, timing: str = ""):
+    """The run's date, machine, versions and settings; `timing` replaces the steps clause."""
     precision = jax.config.jax_default_matmul_precision or "default"
+    dispatch = ("asynchronous" if jax.config.read("jax_cpu_enable_async_dispatch")
+                else "synchronous")
     arithmetic = ("bf16 backbone (JAX model.dtype=bfloat16, torch autocast cpu bfloat16), heads "
                   "and losses float32" if args.dtype == "bfloat16" else "float32 throughout")
     lines = [
@@ -414,8 +418,11 @@ def print_header(args):
         f"arithmetic: {arithmetic}; JAX matmul precision {precision} (float32 is float32 on the "
         f"CPU), torch float32_matmul_precision {torch.get_float32_matmul_precision()}",
         f"settings: torch threads {torch.get_num_threads()}, channels_last, fused AdamW, eager; "
-        f"XLA_FLAGS {os.environ.get('XLA_FLAGS') or '(unset)'}; {args.repeats} repeats of "
-        f"{args.steps} steps per side after {args.warmup} warm-up steps",
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS') or '(unset)'}; malloc (one process, both "
+        f"sides) {fbnet_jax.MALLOC_APPLIED or 'glibc defaults'}; JAX CPU dispatch {dispatch}; " +
+        (timing or
+            f"{args.repeats} repeats of {args.steps} steps per side after {args.warmup} warm-up "
+            "steps"),
     ]
     print("\n".join(f"- {line}" for line in lines), flush=True)
 

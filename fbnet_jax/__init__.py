@@ -1,10 +1,14 @@
 """FaceBehaviorNet in JAX. `fbnet_jax.Predictor` runs a trained network (fbnet_jax/predict.py).
 
-Importing the package sets the project's XLA defaults (`XLA_DEFAULTS`) in the environment, for
-the XLA backends that start after it.
+Importing the package sets the project's runtime defaults for the backends that start after it:
+XLA flags (`XLA_DEFAULTS`) and glibc malloc settings (`MALLOC_DEFAULTS`); importing
+fbnet_jax.state sets synchronous CPU dispatch (`set_jax_defaults`). Each yields to the user's own
+setting of it.
 """
 
+import ctypes as _ctypes
 import os as _os
+import sys as _sys
 from importlib import metadata as _metadata
 
 try:
@@ -32,6 +36,56 @@ def _with_xla_defaults(xla_flags: str) -> str:
 
 
 _os.environ["XLA_FLAGS"] = _with_xla_defaults(_os.environ.get("XLA_FLAGS", ""))
+
+# XLA's CPU runtime allocates each run of a program's temporary buffer afresh (37 MB for the
+# demo's train step, 485 MB for VGG-FACE's at 96 px, batch 16), and glibc serves allocations that
+# size with mmap and returns them with munmap: every step then page-faults through its whole
+# working memory, which the kernel zeroes again (about 9,500 faults a step for the demo's). With
+# malloc's mmap off and its trim threshold high, a freed block stays in the heap for the next
+# step. A thread's heap holds at most 64 MB before glibc falls back to mmap anyway, so
+# single-device CPU programs also run on the calling thread (`set_jax_defaults`: synchronous
+# dispatch), whose heap has no such bound. BENCHMARKS.md, "Page faults": the small_cnn step
+# 1.2-1.35x, VGG-FACE's 1.1x. Each default yields to the user's own setting: a default of
+# MALLOC_DEFAULTS is skipped when glibc's own variable for it (MALLOC_TRIM_THRESHOLD_,
+# MALLOC_MMAP_MAX_, or the GLIBC_TUNABLES glibc.malloc.trim_threshold / mmap_max) is set, and
+# FBNET_JAX_CPU_ASYNC_DISPATCH=1 keeps JAX's asynchronous dispatch.
+MALLOC_DEFAULTS = {"M_TRIM_THRESHOLD": (1 << 31) - 1, "M_MMAP_MAX": 0}
+# name -> (glibc's <malloc.h> number, its environment variable, its tunable)
+_MALLOPT = {"M_TRIM_THRESHOLD": (-1, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+            "M_MMAP_MAX": (-4, "MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max")}
+CPU_ASYNC_DISPATCH_ENV = "FBNET_JAX_CPU_ASYNC_DISPATCH"
+
+
+def _apply_malloc_defaults(environ) -> dict:
+    """Sets the MALLOC_DEFAULTS the user has not set through glibc's mallopt; returns those set."""
+    if not _sys.platform.startswith("linux"):
+        return {}
+    try:
+        mallopt = _ctypes.CDLL(None).mallopt  # glibc's; other C libraries may have none
+    except (OSError, AttributeError):
+        return {}
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    applied = {}
+    for name, value in MALLOC_DEFAULTS.items():
+        number, variable, tunable = _MALLOPT[name]
+        if variable not in environ and tunable not in tunables and mallopt(number, value) == 1:
+            applied[name] = value
+    return applied
+
+
+MALLOC_APPLIED = _apply_malloc_defaults(_os.environ)
+
+
+def set_jax_defaults() -> None:
+    """Synchronous dispatch for single-device CPU programs, unless FBNET_JAX_CPU_ASYNC_DISPATCH=1.
+
+    Called when fbnet_jax.state is imported (every path that builds the model does); it takes
+    effect if no JAX backend has started yet. Multi-device programs are dispatched
+    asynchronously either way (JAX's rule).
+    """
+    if _os.environ.get(CPU_ASYNC_DISPATCH_ENV, "0").lower() in ("", "0", "false"):
+        import jax  # pylint: disable=g-import-not-at-top
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def __getattr__(name):

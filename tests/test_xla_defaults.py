@@ -1,8 +1,10 @@
-"""The XLA flags `import fbnet_jax` sets by default (fbnet_jax.XLA_DEFAULTS)."""
+"""The runtime defaults of fbnet_jax: XLA flags, malloc settings and CPU dispatch."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 import fbnet_jax
 from conftest import REPO
@@ -41,3 +43,55 @@ def _ynn_fusions(xla_flags):
 def test_the_cpu_convolutions_leave_ynnpack_unless_the_user_says_otherwise():
     assert _ynn_fusions(None) == 0          # the project's default
     assert _ynn_fusions(UNDO) == 1          # XLA's own default: the convolution in YNNPACK
+
+
+# Page faults of a run of a program whose temporary memory is a 64 MB convolution output: with
+# the defaults the block is reused, without them each run maps (and faults through) a new one.
+_FAULTS = """
+import resource
+import fbnet_jax, jax, jax.numpy as jnp
+from fbnet_jax import state
+x = jnp.ones((16, 128, 128, 64), jnp.float32)
+k = jnp.ones((3, 3, 64, 64), jnp.float32) / 576
+step = jax.jit(lambda x, k: jnp.tanh(jax.lax.conv_general_dilated(
+    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).sum())
+for _ in range(2):
+    step(x, k).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step(x, k).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+def _faults_per_run(**env):
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    result = subprocess.run([sys.executable, "-c", _FAULTS], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=True,
+                            env={**base, **env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_step_reuses_its_memory_instead_of_faulting_it_in_again():
+    block = 16 * 128 * 128 * 64 * 4 // 4096  # pages of the 64 MB temporary
+    assert _faults_per_run() < block // 20
+    # Each half of the defaults alone leaves the block to mmap: above a thread's 64 MB heap when
+    # dispatch is asynchronous, and always when malloc maps blocks that large.
+    assert _faults_per_run(FBNET_JAX_CPU_ASYNC_DISPATCH="1") > block // 2
+    assert _faults_per_run(MALLOC_MMAP_MAX_="65536") > block // 2
+
+
+def test_malloc_defaults_yield_to_the_users_settings():
+    both = {"M_TRIM_THRESHOLD": (1 << 31) - 1, "M_MMAP_MAX": 0}
+    assert fbnet_jax.MALLOC_DEFAULTS == both
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    assert fbnet_jax._apply_malloc_defaults({}) == both
+    assert fbnet_jax._apply_malloc_defaults({"MALLOC_MMAP_MAX_": "65536"}) == {
+        "M_TRIM_THRESHOLD": (1 << 31) - 1}
+    assert fbnet_jax._apply_malloc_defaults(
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}) == {"M_MMAP_MAX": 0}
+    assert fbnet_jax._apply_malloc_defaults(
+        {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_MAX_": "1"}) == {}
