@@ -2,8 +2,8 @@
 
 Importing the package sets the project's runtime defaults for the backends that start after it:
 XLA flags (`XLA_DEFAULTS`) and glibc malloc settings (`MALLOC_DEFAULTS`); importing
-fbnet_jax.state sets synchronous CPU dispatch (`set_jax_defaults`). Each yields to the user's own
-setting of it.
+fbnet_jax.parallel sets synchronous CPU dispatch (`set_jax_defaults`). Each yields to the user's
+own setting of it.
 """
 
 import ctypes as _ctypes
@@ -54,6 +54,8 @@ MALLOC_DEFAULTS = {"M_TRIM_THRESHOLD": (1 << 31) - 1, "M_MMAP_MAX": 0}
 _MALLOPT = {"M_TRIM_THRESHOLD": (-1, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
             "M_MMAP_MAX": (-4, "MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max")}
 CPU_ASYNC_DISPATCH_ENV = "FBNET_JAX_CPU_ASYNC_DISPATCH"
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False, "": False}
 
 
 def _apply_malloc_defaults(environ) -> dict:
@@ -79,11 +81,17 @@ MALLOC_APPLIED = _apply_malloc_defaults(_os.environ)
 def set_jax_defaults() -> None:
     """Synchronous dispatch for single-device CPU programs, unless FBNET_JAX_CPU_ASYNC_DISPATCH=1.
 
-    Called when fbnet_jax.state is imported (every path that builds the model does); it takes
-    effect if no JAX backend has started yet. Multi-device programs are dispatched
-    asynchronously either way (JAX's rule).
+    Called when fbnet_jax.parallel is imported (before any device is used); it takes effect if
+    no JAX backend has started yet. Multi-device programs are dispatched asynchronously either
+    way (JAX's rule). Any other value of the variable than 1/0 (true/false, yes/no, on/off) is a
+    UserError naming it.
     """
-    if _os.environ.get(CPU_ASYNC_DISPATCH_ENV, "0").lower() in ("", "0", "false"):
+    value = _os.environ.get(CPU_ASYNC_DISPATCH_ENV, "")
+    if value.strip().lower() not in _SWITCH:
+        from fbnet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+        raise UserError(f"{CPU_ASYNC_DISPATCH_ENV}={value!r}: expected 1 (keep JAX's "
+                        f"asynchronous CPU dispatch) or 0 (the default, synchronous)")
+    if not _SWITCH[value.strip().lower()]:
         import jax  # pylint: disable=g-import-not-at-top
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 

@@ -10,11 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-import fbnet_jax
 from fbnet_jax import models, parallel
 from fbnet_jax.models import weights
-
-fbnet_jax.set_jax_defaults()  # before any backend starts: every path to the model imports this
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")  # after a linear warm-up from 0

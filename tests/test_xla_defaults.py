@@ -95,3 +95,26 @@ def test_malloc_defaults_yield_to_the_users_settings():
         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}) == {"M_MMAP_MAX": 0}
     assert fbnet_jax._apply_malloc_defaults(
         {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_MAX_": "1"}) == {}
+
+
+@pytest.mark.parametrize("value,asynchronous", [("1", True), ("Yes", True), ("0", False),
+                                                ("off", False), ("", False)])
+def test_the_dispatch_switch_reads_the_usual_spellings(monkeypatch, value, asynchronous):
+    updates = []
+    monkeypatch.setenv(fbnet_jax.CPU_ASYNC_DISPATCH_ENV, value)
+    monkeypatch.setattr("jax.config.update", lambda name, v: updates.append((name, v)))
+    fbnet_jax.set_jax_defaults()
+    assert updates == ([] if asynchronous else [("jax_cpu_enable_async_dispatch", False)])
+
+
+def test_a_misspelt_dispatch_switch_is_one_line_naming_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "fbnet_jax.main", "train", f"--workdir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**env, "PYTHONPATH": str(REPO), "FBNET_JAX_CPU_ASYNC_DISPATCH": "maybe"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "fbnet: error: FBNET_JAX_CPU_ASYNC_DISPATCH='maybe': expected 1 (keep JAX's "
+        "asynchronous CPU dispatch) or 0 (the default, synchronous)")
+    assert not (tmp_path / "run").exists()
