@@ -65,9 +65,10 @@ def convolutions(backbone: str, image_size: int, batch_size: int) -> list[dict]:
             variables, images)
     found = []
     _collect(jaxpr.jaxpr, found)
-    counts = Counter(found)
-    return [dict(key, count=counts[key], first=(i == 0))
-            for i, key in enumerate(dict.fromkeys(found))]
+    counts = Counter(found)  # keeps the order in which each convolution first appears
+    return [{"input": lhs, "kernel": rhs, "strides": strides, "padding": padding,
+             "count": count, "first": i == 0}
+            for i, ((lhs, rhs, strides, padding), count) in enumerate(counts.items())]
 
 
 def _collect(jaxpr, found: list) -> None:
@@ -81,17 +82,10 @@ def _collect(jaxpr, found: list) -> None:
                     or set(p["rhs_dilation"]) != {1}):
                 raise ValueError(f"not an NHWC/HWIO convolution of the kind this script times: "
                                  f"{eqn}")
-            found.append(_Key(input=lhs, kernel=rhs, strides=tuple(p["window_strides"]),
-                              padding=tuple(tuple(pad) for pad in p["padding"])))
+            found.append((lhs, rhs, tuple(p["window_strides"]),
+                          tuple(tuple(pad) for pad in p["padding"])))
         for sub in jax_core.jaxprs_in_params(eqn.params):
             _collect(sub, found)
-
-
-class _Key(dict):
-    """A hashable dict (the identity of a distinct convolution)."""
-
-    def __hash__(self):
-        return hash(tuple(sorted(self.items())))
 
 
 def jax_ops(conv: dict, rng: np.random.Generator):

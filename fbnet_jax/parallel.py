@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import fbnet_jax  # noqa: F401  (set_jax_defaults below)
+import fbnet_jax
 
 DATA_AXIS = "data"
 MODES = ("jit", "pmap")

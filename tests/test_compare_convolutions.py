@@ -62,13 +62,15 @@ def test_resnet50_has_its_53_convolutions():
     assert sum(c["count"] for c in found if c["strides"] == (2, 2)) == 7  # stem, 3 + 3 in stages
 
 
+def _conv(input_shape, kernel, strides=(1, 1), padding=SAME, first=False):
+    return {"input": input_shape, "kernel": kernel, "strides": strides, "padding": padding,
+            "first": first}
+
+
 @pytest.mark.parametrize("conv", [
-    {"input": (2, 9, 9, 3), "kernel": (3, 3, 3, 5), "strides": (1, 1), "padding": SAME,
-     "first": True},
-    {"input": (2, 8, 8, 4), "kernel": (3, 3, 4, 6), "strides": (2, 2), "padding": SAME,
-     "first": False},
-    {"input": (1, 6, 6, 4), "kernel": (1, 1, 4, 3), "strides": (1, 1), "padding": ((0, 0),) * 2,
-     "first": False},
+    _conv((2, 9, 9, 3), (3, 3, 3, 5), first=True),
+    _conv((2, 8, 8, 4), (3, 3, 4, 6), strides=(2, 2)),
+    _conv((1, 6, 6, 4), (1, 1, 4, 3), padding=((0, 0),) * 2),
 ])
 def test_both_sides_compute_the_same_convolutions(conv):
     jops, arrays = convs.jax_ops(conv, np.random.default_rng(0))
@@ -83,8 +85,7 @@ def test_both_sides_compute_the_same_convolutions(conv):
 
 
 def test_asymmetric_padding_is_refused():
-    conv = {"input": (1, 8, 8, 2), "kernel": (3, 3, 2, 2), "strides": (2, 2),
-            "padding": ((0, 1), (0, 1)), "first": False}
+    conv = _conv((1, 8, 8, 2), (3, 3, 2, 2), strides=(2, 2), padding=((0, 1), (0, 1)))
     _, arrays = convs.jax_ops(conv, np.random.default_rng(0))
     with pytest.raises(ValueError, match="asymmetric padding"):
         convs.torch_ops(conv, *arrays)
