@@ -1,0 +1,186 @@
+"""A 3x3 convolution written other ways than XLA's convolution op, timed against it (JAX only).
+
+benchmarks/compare_convolutions.py shows that XLA's CPU convolutions are slower than PyTorch's
+(oneDNN's), the filter gradients most. This script asks whether the same arithmetic written with
+other XLA ops is faster in JAX: for each shape (a "SAME" 3x3 convolution of stride 1, NHWC
+input, HWIO kernel, as small_cnn's and VGG-FACE's layers are), it times
+
+forward (y = conv(x, w)):
+- xla: `lax.conv_general_dilated`, what the models run;
+- taps: 9 x C_in broadcast multiply-adds, which XLA fuses into one elementwise loop (only for
+  C_in <= 4: a network's first convolution, whose input is the image);
+- im2col: the 9 shifted windows concatenated on the channel axis, then one matrix product;
+- 9dots: one matrix product per shifted window, summed;
+
+filter gradient (dW = the vjp of conv with respect to w, for a cotangent dy):
+- xla: as `jax.vjp` derives it (XLA transposes x and dy and runs a convolution over the batch);
+- im2col: the patches' transpose times dy, one matrix product;
+- 9dots: one product of a shifted window's transpose with dy per tap;
+- split8: XLA's, over 8 slices of the batch, summed (independent convolutions that XLA may run
+  side by side).
+
+Each is jitted alone; a repeat times --calls calls of each in turn (medians over the repeats,
+ms per call). The last column of each row is the largest difference from xla's result relative
+to its largest magnitude (float32 rounding: about 1e-6). Float32 throughout.
+
+  python benchmarks/conv_formulations.py                           # the default shapes
+  python benchmarks/conv_formulations.py --shapes 64x64x64x3x16 --repeats 3
+
+A shape BxHxWxCxO is a batch of B HxW maps of C channels into O channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fbnet_jax
+
+fbnet_jax.set_jax_defaults()  # the CPU dispatch training runs with
+
+# small_cnn's four layers at 64 px, batch 64 (compare_pytorch.py's case), and three of
+# VGG-FACE's at 96 px, batch 16.
+DEFAULT_SHAPES = ("64x64x64x3x16", "64x32x32x16x32", "64x16x16x32x64", "64x8x8x64x128",
+                  "16x96x96x64x64", "16x48x48x128x128", "16x12x12x512x512")
+
+
+def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def windows(x):
+    """The 9 shifted windows of x padded by one, in the kernel's (row, column) order."""
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+
+
+def forward_taps(x, w):
+    out = 0
+    for tap, window in enumerate(windows(x)):
+        for c in range(x.shape[-1]):
+            out = out + window[..., c:c + 1] * w[tap // 3, tap % 3, c]
+    return out
+
+
+def forward_im2col(x, w):
+    b, h, ww, c = x.shape
+    patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
+    return (patches @ w.reshape(9 * c, -1)).reshape(b, h, ww, -1)
+
+
+def forward_9dots(x, w):
+    return sum(jnp.einsum("bhwc,co->bhwo", window, w[tap // 3, tap % 3])
+               for tap, window in enumerate(windows(x)))
+
+
+def filter_grad_xla(x, dy):
+    w = jnp.zeros((3, 3, x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+
+def filter_grad_im2col(x, dy):
+    c, o = x.shape[-1], dy.shape[-1]
+    patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
+    return (patches.T @ dy.reshape(-1, o)).reshape(3, 3, c, o)
+
+
+def filter_grad_9dots(x, dy):
+    c, o = x.shape[-1], dy.shape[-1]
+    flat = dy.reshape(-1, o)
+    return jnp.stack([window.reshape(-1, c).T @ flat for window in windows(x)]).reshape(3, 3, c, o)
+
+
+def filter_grad_split8(x, dy):
+    return sum(filter_grad_xla(a, b) for a, b in zip(jnp.split(x, 8), jnp.split(dy, 8)))
+
+
+FORWARD = {"xla": conv, "taps": forward_taps, "im2col": forward_im2col, "9dots": forward_9dots}
+FILTER_GRAD = {"xla": filter_grad_xla, "im2col": filter_grad_im2col, "9dots": filter_grad_9dots,
+               "split8": filter_grad_split8}
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"BxHxWxCxO" -> (B, H, W, C, O); argparse reports a ValueError as a bad value."""
+    shape = tuple(int(n) for n in text.split("x"))
+    if len(shape) != 5 or min(shape) < 1:
+        raise ValueError(text)
+    return shape
+
+
+def formulations(shape: tuple[int, ...]) -> dict:
+    """{("fwd" | "dW", name): function of (x, w) or (x, dy)} that apply to this shape."""
+    b, _, _, c, _ = shape
+    ops = {("fwd", name): fn for name, fn in FORWARD.items() if name != "taps" or c <= 4}
+    ops.update({("dW", name): fn for name, fn in FILTER_GRAD.items()
+                if name != "split8" or b % 8 == 0})
+    return ops
+
+
+def time_shape(shape: tuple[int, ...], repeats: int, calls: int, seed: int = 0) -> dict:
+    """{(kind, name): (median ms per call, relative difference from xla's result)}."""
+    b, h, w, c, o = shape
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, h, w, c), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32) * 0.1)
+    dy = jnp.asarray(rng.standard_normal((b, h, w, o), np.float32))
+    runs, results = {}, {}
+    for (kind, name), fn in formulations(shape).items():
+        jitted, args = jax.jit(fn), (x, kernel) if kind == "fwd" else (x, dy)
+        results[(kind, name)] = np.asarray(jitted(*args))  # compiles
+        runs[(kind, name)] = lambda jitted=jitted, args=args: jax.block_until_ready(jitted(*args))
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times[key].append((time.perf_counter() - start) / calls * 1e3)
+    out = {}
+    for (kind, name), result in results.items():
+        ref = results[(kind, "xla")]
+        out[(kind, name)] = (statistics.median(times[(kind, name)]),
+                             float(np.abs(result - ref).max() / np.abs(ref).max()))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                        metavar="BxHxWxCxO", help=f"default: {' '.join(DEFAULT_SHAPES)}")
+    parser.add_argument("--repeats", type=int, default=5, help="timing windows per op")
+    parser.add_argument("--calls", type=int, default=3, help="calls of an op per window")
+    args = parser.parse_args()
+    if min(args.repeats, args.calls) < 1:
+        parser.error("--repeats and --calls must be >= 1")
+    shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
+    print(f"- jax {jax.__version__}, backend {jax.default_backend()}, float32, "
+          f"{len(os.sched_getaffinity(0))} cores; {args.repeats} repeats of {args.calls} calls "
+          "of each op after one compiling call; ms per call (median), and in brackets the "
+          "largest difference from xla's result relative to its largest magnitude")
+    head = ["shape BxHxWxCxO", *(f"fwd {n}" for n in FORWARD), *(f"dW {n}" for n in FILTER_GRAD)]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for shape in shapes:
+        ms = time_shape(shape, args.repeats, args.calls)
+        cells = ["x".join(map(str, shape))]
+        for kind, names in (("fwd", FORWARD), ("dW", FILTER_GRAD)):
+            for name in names:
+                if (kind, name) not in ms:
+                    cells.append("-")
+                    continue
+                t, diff = ms[(kind, name)]
+                cells.append(f"{t:.2f}" if name == "xla" else f"{t:.2f} ({diff:.0e})")
+        print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"\n- load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
