@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from fbnet_jax import state as state_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import compare_pytorch  # noqa: E402  pylint: disable=wrong-import-position
+import conv_formulations  # noqa: E402  pylint: disable=wrong-import-position
 
 torch = compare_pytorch.torch
 F = compare_pytorch.F
@@ -149,14 +148,7 @@ def time_convolution(conv: dict, repeats: int, calls: int, seed: int = 0) -> dic
     for run in runs.values():  # compile, warm up
         run()
         run()
-    times = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[key].append((time.perf_counter() - start) / calls * 1e3)
-    return {key: statistics.median(ms) for key, ms in times.items()}
+    return conv_formulations.interleaved_ms(runs, repeats, calls)
 
 
 def describe(conv: dict) -> str:

@@ -136,6 +136,19 @@ def time_shape(shape: tuple[int, ...], repeats: int, calls: int, seed: int = 0) 
         jitted, args = jax.jit(fn), (x, kernel) if kind == "fwd" else (x, dy)
         results[(kind, name)] = np.asarray(jitted(*args))  # compiles
         runs[(kind, name)] = lambda jitted=jitted, args=args: jax.block_until_ready(jitted(*args))
+    ms = interleaved_ms(runs, repeats, calls)
+    out = {}
+    for (kind, name), result in results.items():
+        ref = results[(kind, "xla")]
+        difference = float(np.abs(result - ref).max() / np.abs(ref).max())
+        out[(kind, name)] = (ms[(kind, name)], difference)
+    return out
+
+
+def interleaved_ms(runs: dict, repeats: int, calls: int) -> dict:
+    """{key: median ms per call} of each run (a function of no arguments), timed in turn:
+    each of `repeats` rounds times `calls` calls of every run, so all share the machine's load
+    of the moment."""
     times = {key: [] for key in runs}
     for _ in range(repeats):
         for key, run in runs.items():
@@ -143,12 +156,7 @@ def time_shape(shape: tuple[int, ...], repeats: int, calls: int, seed: int = 0) 
             for _ in range(calls):
                 run()
             times[key].append((time.perf_counter() - start) / calls * 1e3)
-    out = {}
-    for (kind, name), result in results.items():
-        ref = results[(kind, "xla")]
-        out[(kind, name)] = (statistics.median(times[(kind, name)]),
-                             float(np.abs(result - ref).max() / np.abs(ref).max()))
-    return out
+    return {key: statistics.median(ms) for key, ms in times.items()}
 
 
 def main():

@@ -25,6 +25,17 @@ def load_config(name: str = "synthetic.py", arg: str = ""):
     return module.get_config(arg)
 
 
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module (the benchmarks are scripts, not a package); its
+    sibling scripts are importable from it."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def tiny_config():
     """The tiny synthetic config (a few steps on 32x32 images); locked, values settable."""

@@ -1,28 +1,18 @@
 """benchmarks/compare_convolutions.py: the convolutions it finds are the model's, and both sides
 compute the same three convolutions for each."""
 
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 torch = pytest.importorskip("torch")
 
 
-def _module():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # for its sibling scripts
-    spec = importlib.util.spec_from_file_location(
-        "compare_convolutions", REPO / "benchmarks" / "compare_convolutions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convs = _module()
+convs = load_benchmark("compare_convolutions")
 SAME = ((1, 1), (1, 1))
 
 

@@ -5,30 +5,19 @@ with the JAX weights copied over, the same loss at every step of a few training 
 also checks the learning-rate schedule, AdamW and clipping).
 """
 
-import importlib.util
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_benchmark, load_config
 from fbnet_jax import losses, parallel, train
 from fbnet_jax import state as state_lib
 
 torch = pytest.importorskip("torch")
 
 
-def _module():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # for its sibling train_throughput.py
-    spec = importlib.util.spec_from_file_location("compare_pytorch",
-                                                  REPO / "benchmarks" / "compare_pytorch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _module()
+compare = load_benchmark("compare_pytorch")
 
 
 def _partially_labelled_batch(batch_size: int, image_size: int, num_aus: int, seed: int = 0):

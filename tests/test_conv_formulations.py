@@ -1,25 +1,16 @@
 """benchmarks/conv_formulations.py: every formulation computes the convolution (or its filter
 gradient) that numpy computes directly, and the script runs from its command line."""
 
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "conv_formulations", REPO / "benchmarks" / "conv_formulations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-formulations = _module()
+formulations = load_benchmark("conv_formulations")
 
 
 def _numpy_conv(x, w):
