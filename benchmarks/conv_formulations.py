@@ -20,11 +20,17 @@ filter gradient (dW = the vjp of conv with respect to w, for a cotangent dy):
   side by side).
 
 Each is jitted alone; a repeat times --calls calls of each in turn (medians over the repeats,
-ms per call). The last column of each row is the largest difference from xla's result relative
-to its largest magnitude (float32 rounding: about 1e-6). Float32 throughout.
+ms per call). In brackets: the largest difference from xla's result relative to its largest
+magnitude (float32 rounding: about 1e-6).
+
+--dtype bfloat16 gives every form bf16 operands. The xla forms then compute in bf16, as a bf16
+model's convolutions do; the products (im2col, 9dots) return float32
+(`preferred_element_type`), the one kind of bf16 product this jaxlib's CPU backend runs on the
+CPU's BF16 units (YNNPACK); taps multiply-add in float32. Differences are then bf16's (~1e-2).
 
   python benchmarks/conv_formulations.py                           # the default shapes
   python benchmarks/conv_formulations.py --shapes 64x64x64x3x16 --repeats 3
+  python benchmarks/conv_formulations.py --dtype bfloat16
 
 A shape BxHxWxCxO is a batch of B HxW maps of C channels into O channels.
 """
@@ -55,6 +61,11 @@ def conv(x, w):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def product(a, b):
+    """a @ b with a float32 result (bf16 operands: on the CPU's BF16 units)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
 def windows(x):
     """The 9 shifted windows of x padded by one, in the kernel's (row, column) order."""
     h, w = x.shape[1:3]
@@ -63,6 +74,7 @@ def windows(x):
 
 
 def forward_taps(x, w):
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
     out = 0
     for tap, window in enumerate(windows(x)):
         for c in range(x.shape[-1]):
@@ -73,11 +85,12 @@ def forward_taps(x, w):
 def forward_im2col(x, w):
     b, h, ww, c = x.shape
     patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
-    return (patches @ w.reshape(9 * c, -1)).reshape(b, h, ww, -1)
+    return product(patches, w.reshape(9 * c, -1)).reshape(b, h, ww, -1)
 
 
 def forward_9dots(x, w):
-    return sum(jnp.einsum("bhwc,co->bhwo", window, w[tap // 3, tap % 3])
+    return sum(jnp.einsum("bhwc,co->bhwo", window, w[tap // 3, tap % 3],
+                          preferred_element_type=jnp.float32)
                for tap, window in enumerate(windows(x)))
 
 
@@ -89,13 +102,14 @@ def filter_grad_xla(x, dy):
 def filter_grad_im2col(x, dy):
     c, o = x.shape[-1], dy.shape[-1]
     patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
-    return (patches.T @ dy.reshape(-1, o)).reshape(3, 3, c, o)
+    return product(patches.T, dy.reshape(-1, o)).reshape(3, 3, c, o)
 
 
 def filter_grad_9dots(x, dy):
     c, o = x.shape[-1], dy.shape[-1]
     flat = dy.reshape(-1, o)
-    return jnp.stack([window.reshape(-1, c).T @ flat for window in windows(x)]).reshape(3, 3, c, o)
+    return jnp.stack([product(window.reshape(-1, c).T, flat)
+                      for window in windows(x)]).reshape(3, 3, c, o)
 
 
 def filter_grad_split8(x, dy):
@@ -124,17 +138,18 @@ def formulations(shape: tuple[int, ...]) -> dict:
     return ops
 
 
-def time_shape(shape: tuple[int, ...], repeats: int, calls: int, seed: int = 0) -> dict:
+def time_shape(shape: tuple[int, ...], repeats: int, calls: int, dtype=jnp.float32,
+               seed: int = 0) -> dict:
     """{(kind, name): (median ms per call, relative difference from xla's result)}."""
     b, h, w, c, o = shape
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((b, h, w, c), np.float32))
-    kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32) * 0.1)
-    dy = jnp.asarray(rng.standard_normal((b, h, w, o), np.float32))
+    x = jnp.asarray(rng.standard_normal((b, h, w, c), np.float32), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32) * 0.1, dtype)
+    dy = jnp.asarray(rng.standard_normal((b, h, w, o), np.float32), dtype)
     runs, results = {}, {}
     for (kind, name), fn in formulations(shape).items():
         jitted, args = jax.jit(fn), (x, kernel) if kind == "fwd" else (x, dy)
-        results[(kind, name)] = np.asarray(jitted(*args))  # compiles
+        results[(kind, name)] = np.asarray(jitted(*args), np.float32)  # compiles
         runs[(kind, name)] = lambda jitted=jitted, args=args: jax.block_until_ready(jitted(*args))
     ms = interleaved_ms(runs, repeats, calls)
     out = {}
@@ -165,11 +180,15 @@ def main():
                         metavar="BxHxWxCxO", help=f"default: {' '.join(DEFAULT_SHAPES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timing windows per op")
     parser.add_argument("--calls", type=int, default=3, help="calls of an op per window")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the operands' dtype (bfloat16: see the module's docstring)")
     args = parser.parse_args()
     if min(args.repeats, args.calls) < 1:
         parser.error("--repeats and --calls must be >= 1")
     shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
-    print(f"- jax {jax.__version__}, backend {jax.default_backend()}, float32, "
+    arithmetic = ("float32" if args.dtype == "float32" else "bf16 operands; xla in bf16, "
+                  "products with float32 results, taps in float32")
+    print(f"- jax {jax.__version__}, backend {jax.default_backend()}, {arithmetic}, "
           f"{len(os.sched_getaffinity(0))} cores; {args.repeats} repeats of {args.calls} calls "
           "of each op after one compiling call; ms per call (median), and in brackets the "
           "largest difference from xla's result relative to its largest magnitude")
@@ -177,7 +196,7 @@ def main():
     print("\n| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for shape in shapes:
-        ms = time_shape(shape, args.repeats, args.calls)
+        ms = time_shape(shape, args.repeats, args.calls, jnp.dtype(args.dtype))
         cells = ["x".join(map(str, shape))]
         for kind, names in (("fwd", FORWARD), ("dW", FILTER_GRAD)):
             for name in names:

@@ -4,6 +4,7 @@ gradient) that numpy computes directly, and the script runs from its command lin
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,3 +65,23 @@ def test_command_line_prints_a_row_per_shape_and_refuses_a_bad_shape():
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2
     assert "invalid parse_shape value: '8x6x6x3'" in bad.stderr
+
+
+def test_bfloat16_operands_give_float32_products_close_to_the_convolution():
+    shape = (8, 5, 7, 3, 4)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape[:4]).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal(shape[:3] + (4,)).astype(np.float32)
+    expected = {"fwd": _numpy_conv(x, kernel), "dW": _numpy_filter_grad(x, dy)}
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, kernel, dy)]
+    for (kind, name), fn in formulations.formulations(shape).items():
+        got = fn(bf16[0], bf16[1] if kind == "fwd" else bf16[2])
+        # XLA's own keeps the operands' dtype; every other form returns float32.
+        assert got.dtype == (jnp.bfloat16 if name in ("xla", "split8") else jnp.float32), name
+        scale = np.abs(expected[kind]).max()
+        np.testing.assert_allclose(np.asarray(got, np.float32) / scale, expected[kind] / scale,
+                                   atol=2e-2, err_msg=f"{kind} {name}")
+    timed = formulations.time_shape(shape, 1, 1, jnp.bfloat16)
+    assert set(timed) == set(formulations.formulations(shape))
+    assert all(0 <= difference < 2e-2 for _, difference in timed.values())
