@@ -73,6 +73,11 @@ def windows(x):
     return [padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
 
 
+def patches(x):
+    """[B*H*W, 9*C]: each position's 3x3 neighbourhood, the windows side by side (im2col)."""
+    return jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * x.shape[-1])
+
+
 def forward_taps(x, w):
     x, w = x.astype(jnp.float32), w.astype(jnp.float32)
     out = 0
@@ -84,14 +89,11 @@ def forward_taps(x, w):
 
 def forward_im2col(x, w):
     b, h, ww, c = x.shape
-    patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
-    return product(patches, w.reshape(9 * c, -1)).reshape(b, h, ww, -1)
+    return product(patches(x), w.reshape(9 * c, -1)).reshape(b, h, ww, -1)
 
 
 def forward_9dots(x, w):
-    return sum(jnp.einsum("bhwc,co->bhwo", window, w[tap // 3, tap % 3],
-                          preferred_element_type=jnp.float32)
-               for tap, window in enumerate(windows(x)))
+    return sum(product(window, w[tap // 3, tap % 3]) for tap, window in enumerate(windows(x)))
 
 
 def filter_grad_xla(x, dy):
@@ -101,8 +103,7 @@ def filter_grad_xla(x, dy):
 
 def filter_grad_im2col(x, dy):
     c, o = x.shape[-1], dy.shape[-1]
-    patches = jnp.concatenate(windows(x), axis=-1).reshape(-1, 9 * c)
-    return product(patches.T, dy.reshape(-1, o)).reshape(3, 3, c, o)
+    return product(patches(x).T, dy.reshape(-1, o)).reshape(3, 3, c, o)
 
 
 def filter_grad_9dots(x, dy):

@@ -87,11 +87,12 @@ def set_jax_defaults() -> None:
     UserError naming it.
     """
     value = _os.environ.get(CPU_ASYNC_DISPATCH_ENV, "")
-    if value.strip().lower() not in _SWITCH:
+    asynchronous = _SWITCH.get(value.strip().lower())
+    if asynchronous is None:
         from fbnet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
         raise UserError(f"{CPU_ASYNC_DISPATCH_ENV}={value!r}: expected 1 (keep JAX's "
                         f"asynchronous CPU dispatch) or 0 (the default, synchronous)")
-    if not _SWITCH[value.strip().lower()]:
+    if not asynchronous:
         import jax  # pylint: disable=g-import-not-at-top
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 

@@ -5,7 +5,6 @@ with the JAX weights copied over, the same loss at every step of a few training 
 also checks the learning-rate schedule, AdamW and clipping).
 """
 
-
 import jax
 import numpy as np
 import pytest
