@@ -76,7 +76,10 @@ def _faults_per_run(**env):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_step_reuses_its_memory_instead_of_faulting_it_in_again():
     block = 16 * 128 * 128 * 64 * 4 // 4096  # pages of the 64 MB temporary
-    assert _faults_per_run() < block // 20
+    # The block is reused. On a busy machine a run may still fault through about 11 MB of a
+    # thread pool worker's scratch memory (0 or about 2,860 pages a run with two other processes
+    # spinning on the two cores), far below the block's 16,384.
+    assert _faults_per_run() < block // 4
     # Each half of the defaults alone leaves the block to mmap: above a thread's 64 MB heap when
     # dispatch is asynchronous, and always when malloc maps blocks that large.
     assert _faults_per_run(FBNET_JAX_CPU_ASYNC_DISPATCH="1") > block // 2
