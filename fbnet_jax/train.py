@@ -223,6 +223,7 @@ class StopSignals:
     def __init__(self, log_file: Path | None = None):
         self.reason: str | None = None
         self._announced = False
+        self._agreed = False  # a stop was agreed by every process: every later answer is yes
         self._log_file = log_file
         self._previous = {}
 
@@ -240,15 +241,24 @@ class StopSignals:
 
     def requested(self) -> bool:
         """Whether the run should stop; in a multi-process run, whether any process was asked
-        to (a collective, so every process stops at the same step)."""
-        if parallel.any_process(self.reason is not None) and self.reason is None:
+        to (a collective, so every process stops at the same step).
+
+        The answer is the collective's, never a second look at the flag: a signal that lands
+        while the processes exchange their flags is counted at the next call, on every process
+        alike (else the signalled process alone would stop, and the collectives that follow
+        would pair up wrongly or hang)."""
+        if not self._agreed:
+            self._agreed = parallel.any_process(self.reason is not None)
+            if not self._agreed:
+                return False
+        if self.reason is None:
             self.reason = "a stop on another process"
-        if self.reason is not None and not self._announced:
+        if not self._announced:
             self._announced = True
             log.warning("%s received: saving a checkpoint and stopping%s", self.reason,
                         " (press Ctrl-C again to quit at once, losing the steps since the last "
                         "checkpoint)" if self.reason == "SIGINT" else "")
-        return self.reason is not None
+        return True
 
     def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
         if self.reason is None:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import portpicker
@@ -34,21 +35,41 @@ def _start(workdir, num_processes, devices_per_process, extra=()):
         if num_processes > 1:
             command += ["--coordinator_address", f"127.0.0.1:{port}",
                         "--num_processes", str(num_processes), "--process_id", str(i)]
-        processes.append(subprocess.Popen(command, env=env, cwd=REPO, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        # stderr goes to a file, so no process blocks on a full pipe while another is awaited.
+        err = tempfile.TemporaryFile("w+")  # pylint: disable=consider-using-with
+        process = subprocess.Popen(command, env=env, cwd=REPO, text=True,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+        process.err_file = err
+        processes.append(process)
     return processes
 
 
+def _stderr(process):
+    process.err_file.seek(0)
+    text = process.err_file.read()
+    process.err_file.close()
+    return text
+
+
 def _finish(processes, timeout=240):
-    """Waits for every process; returns [(status, stderr)]."""
-    results = []
-    try:
-        for process in processes:
-            _, err = process.communicate(timeout=timeout)
-            results.append((process.returncode, err))
-    finally:
-        for process in processes:
-            process.kill()
+    """Waits for every process; returns [(status, stderr)]. Processes still running after
+    `timeout` seconds are killed, and the error shows the end of every process's stderr."""
+    deadline = time.monotonic() + timeout
+    hung = []
+    for i, process in enumerate(processes):
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            hung.append(i)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.wait()
+    results = [(process.returncode, _stderr(process)) for process in processes]
+    if hung:
+        tails = "\n".join(f"--- process {i} (status {status}):\n{err[-2000:]}"
+                           for i, (status, err) in enumerate(results))
+        raise AssertionError(f"process(es) {hung} still running after {timeout}s:\n{tails}")
     return results
 
 

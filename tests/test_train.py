@@ -1,6 +1,7 @@
 """Training: one step, a whole tiny run with its artefacts, resume, divergence, devices."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -266,6 +267,34 @@ def test_a_run_stopped_in_its_final_evaluation_only_evaluates_on_restart(tiny_co
     results = train.train_and_evaluate(tiny_config, tmp_path)
     assert results["step"] == 4 and (tmp_path / "metrics.json").exists()
     assert "has no final evaluation: evaluating now" in (tmp_path / "train.log").read_text()
+
+
+def test_a_signal_during_the_stop_exchange_counts_at_the_next_exchange(monkeypatch):
+    """The answer is the exchange's: a SIGTERM that lands while the processes exchange their
+    flags (the others sent no stop) must not stop this process alone."""
+    sent = []
+    stop = train.StopSignals()
+
+    def exchange(flag):  # the other processes sent False; the signal arrives meanwhile
+        sent.append(flag)
+        if len(sent) == 1:
+            stop._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
+        return flag
+
+    monkeypatch.setattr(parallel, "any_process", exchange)
+    assert stop.requested() is False and stop.reason == "SIGTERM"
+    assert stop.requested() is True and sent == [False, True]
+    assert stop.requested() is True and sent == [False, True]  # agreed: no further exchange
+
+
+def test_a_stop_on_another_process_stops_this_one(monkeypatch, caplog):
+    monkeypatch.setattr(parallel, "any_process", lambda flag: True)
+    stop = train.StopSignals()
+    with caplog.at_level(logging.WARNING):
+        assert stop.requested() is True and stop.requested() is True
+    assert stop.reason == "a stop on another process"
+    assert [r.getMessage() for r in caplog.records] == [
+        "a stop on another process received: saving a checkpoint and stopping"]
 
 
 _DOUBLE_CTRL_C = r"""
