@@ -2,7 +2,9 @@
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_configure(config):  # pylint: disable=unused-argument
+_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_made_cache: list[str] = []
+
+
+def pytest_configure(config):
     # grain's worker processes read absl flags; tests do not run under absl.app.run.
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    # Many tests compile the same steps, most of them in `fbnet` subprocesses: one JAX persistent
+    # compilation cache for the whole session (this process, the xdist workers it starts and
+    # every subprocess inherit the variables; JAX reads them when imported, after this). A size
+    # limit turns on JAX's file lock, so two workers never read an entry half written.
+    if not hasattr(config, "workerinput") and _COMPILATION_CACHE not in os.environ:
+        _made_cache.append(tempfile.mkdtemp(prefix="fbnet_jax_tests_compilation_cache_"))
+        os.environ[_COMPILATION_CACHE] = _made_cache[0]
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+    for path in _made_cache:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_config(name: str = "synthetic.py", arg: str = ""):
