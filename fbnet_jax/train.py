@@ -222,7 +222,6 @@ class StopSignals:
 
     def __init__(self, log_file: Path | None = None):
         self.reason: str | None = None
-        self._announced = False
         self._agreed = False  # a stop was agreed by every process: every later answer is yes
         self._log_file = log_file
         self._previous = {}
@@ -248,13 +247,11 @@ class StopSignals:
         alike (else the signalled process alone would stop, and the collectives that follow
         would pair up wrongly or hang)."""
         if not self._agreed:
-            self._agreed = parallel.any_process(self.reason is not None)
-            if not self._agreed:
+            if not parallel.any_process(self.reason is not None):
                 return False
-        if self.reason is None:
-            self.reason = "a stop on another process"
-        if not self._announced:
-            self._announced = True
+            self._agreed = True
+            if self.reason is None:
+                self.reason = "a stop on another process"
             log.warning("%s received: saving a checkpoint and stopping%s", self.reason,
                         " (press Ctrl-C again to quit at once, losing the steps since the last "
                         "checkpoint)" if self.reason == "SIGINT" else "")

@@ -12,7 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR"
+COMPILATION_CACHE_PREFIX = "fbnet_jax_tests_compilation_cache_"
+COMPILATION_CACHE_MAX_SIZE = 8 << 30  # bytes; a limit turns on JAX's file lock
 _made_cache: list[str] = []
 
 
@@ -25,10 +26,10 @@ def pytest_configure(config):
     # compilation cache for the whole session (this process, the xdist workers it starts and
     # every subprocess inherit the variables; JAX reads them when imported, after this). A size
     # limit turns on JAX's file lock, so two workers never read an entry half written.
-    if not hasattr(config, "workerinput") and _COMPILATION_CACHE not in os.environ:
-        _made_cache.append(tempfile.mkdtemp(prefix="fbnet_jax_tests_compilation_cache_"))
-        os.environ[_COMPILATION_CACHE] = _made_cache[0]
-        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+    if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _made_cache.append(tempfile.mkdtemp(prefix=COMPILATION_CACHE_PREFIX))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _made_cache[0]
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(COMPILATION_CACHE_MAX_SIZE)
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
