@@ -177,6 +177,11 @@ def get_config(arg: str = ""):
             co_annotation=0.0,           # labels implied across tasks by the relatedness table
             distribution_matching=0.0,   # each head's prediction as the other's soft target
         )),
+        co_annotation=ConfigDict(dict(
+            # AU targets of an expression-labelled image: "soft" (R[e, i], zeros included) or
+            # "hard" (1 weighted by R[e, i]; the rule runs saved before this field used).
+            au_targets="hard",
+        )),
         distribution_matching=ConfigDict(dict(
             stop_gradient=False,   # True: targets are constants; False: gradients reach both heads
         )),

@@ -224,6 +224,7 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
 # restarted and compared with today's configs.
 ADDED_FIELDS = {
     "model.init_from": "",
+    "loss.co_annotation.au_targets": "hard",
     "data.render_cache_dir": "",
     "data.render_processes": 0,
     "parallel.mode": "jit",

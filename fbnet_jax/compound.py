@@ -26,12 +26,11 @@ from fbnet_jax import metrics, taxonomy
 
 NUM_CLASSES = len(taxonomy.RAF_COMPOUND_CLASSES)
 
-# The zero-shot rule (docs/paper.md#compound-expressions-the-scoring-rule).
-# P(AU active | compound) of an AU the compound's row does not list: rare, not impossible.
-AU_FLOOR = 0.05
-# P(AU active | compound) of a prototypical AU (table weight 1): "nearly every subject", so one
-# AU the network misses lowers a class's score instead of ruling it out.
-AU_CEILING = 0.95
+# The zero-shot rule (docs/paper.md#compound-expressions-the-scoring-rule). Each compound's AU
+# model is its table row clipped to [AU_FLOOR, AU_CEILING] (taxonomy.bernoulli_au_model, shared
+# with distribution matching's expression side).
+AU_FLOOR = taxonomy.AU_PROBABILITY_FLOOR
+AU_CEILING = taxonomy.AU_PROBABILITY_CEILING
 # Expression probabilities are floored here before the log, so a softmax that underflows cannot
 # veto a class whatever its AUs say (the penalty of one component is at most -log 1e-6 = 13.8).
 PROBABILITY_FLOOR = 1e-6
@@ -62,22 +61,22 @@ def compound_au_model(aus: Sequence[int] = taxonomy.AUS) -> np.ndarray:
     AUs of the table outside `aus` (AU11 always) are dropped: the network gives no evidence on
     them, and naive Bayes leaves an unobserved variable out of the likelihood.
     """
-    table = taxonomy.compound_relatedness(taxonomy.RAF_COMPOUND_CLASSES, aus).astype(np.float64)
-    return np.clip(table, AU_FLOOR, AU_CEILING)
+    return taxonomy.bernoulli_au_model(
+        taxonomy.compound_relatedness(taxonomy.RAF_COMPOUND_CLASSES, aus))
 
 
 def au_log_likelihood(au_probs: np.ndarray, aus: Sequence[int] = taxonomy.AUS) -> np.ndarray:
     """[N, 11]: Σ_i p_i log q_ci + (1 − p_i) log(1 − q_ci), q = `compound_au_model(aus)`.
 
     The expected Bernoulli log-likelihood of the AU activations under the network's belief p
-    (exactly the log-likelihood when p is 0 or 1).
+    (`taxonomy.au_log_likelihood`).
     """
     p = np.asarray(au_probs, np.float64)
     q = compound_au_model(aus)
     if p.ndim != 2 or p.shape[1] != q.shape[1]:
         raise ValueError(f"au_probs must be [N, {q.shape[1]}] (one column per AU of {list(aus)}), "
                          f"got {list(p.shape)}")
-    return p @ np.log(q).T + (1.0 - p) @ np.log1p(-q).T
+    return taxonomy.au_log_likelihood(p, q)
 
 
 def expression_log_likelihood(expression_probs: np.ndarray) -> np.ndarray:

@@ -220,6 +220,8 @@ def _check_losses(config, problems):
         problems.append("loss.weights: all are 0; at least one loss term must be on")
     if any(weights[n] for n in losses.COUPLING_TERMS if n in weights
            and isinstance(weights[n], (int, float))):
+        _one_of(problems, "loss.co_annotation.au_targets", config.loss.co_annotation.au_targets,
+                losses.CO_ANNOTATION_AU_TARGETS)
         if not isinstance(config.loss.distribution_matching.stop_gradient, bool):
             problems.append(f"loss.distribution_matching.stop_gradient: must be True or False, "
                             f"got {config.loss.distribution_matching.stop_gradient!r}")

@@ -149,6 +149,9 @@ def va_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
     return has_label * (1.0 - jnp.mean(ccc(pred, target, mask, axis_name)))
 
 
+CO_ANNOTATION_AU_TARGETS = ("soft", "hard")
+
+
 @dataclasses.dataclass(frozen=True)
 class Coupling:
     """The constants of the coupling losses.
@@ -160,20 +163,41 @@ class Coupling:
       prototypical: P, bool [7, A]: the AUs that define each expression.
       stop_gradient: distribution matching's targets are constants (True), or gradients reach
         both heads through them (False).
+      au_targets: co-annotation's AU targets, "soft" (R[e, i] itself) or "hard" (1, weighted by
+        R[e, i]); see `co_annotation_loss`.
     """
     relatedness: np.ndarray
     prototypical: np.ndarray
     stop_gradient: bool = False
+    au_targets: str = "hard"
+
+    def __post_init__(self):
+        if self.au_targets not in CO_ANNOTATION_AU_TARGETS:
+            raise ValueError(f"au_targets must be one of {CO_ANNOTATION_AU_TARGETS}, "
+                             f"got {self.au_targets!r}")
+
+
+def _per_image_mean(values: jax.Array, weights: jax.Array, axis_name: str | None) -> jax.Array:
+    """mean over images b with Σ_i w_bi > 0 of [Σ_i w_bi · v_bi / Σ_i w_bi]; 0 without any."""
+    total_weight = jnp.sum(weights, axis=-1)
+    has_target = (total_weight > 0).astype(jnp.float32)
+    # The numerator is 0 where the denominator is, so dividing by 1 there is exact.
+    per_image = jnp.sum(weights * values, axis=-1) / jnp.where(total_weight > 0, total_weight, 1.0)
+    return _sum(has_target * per_image, axis_name) / jnp.maximum(1.0, _sum(has_target, axis_name))
 
 
 def co_annotation_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                        coupling: Coupling, axis_name: str | None = None) -> jax.Array:
-    """Labels one task implies for images that lack them, as extra (weighted) targets.
+    """Labels one task implies for images that lack them, as extra targets.
 
-    AU side: an image with expression label e gets target 1 for every AU i it has no label for,
-    with weight w_bi = R[e, i] (0 where R is 0). Per image the weighted BCE is normalised by its
-    total weight, then averaged over the images with any such target (as `au_loss` does):
-      L_au = mean over b with Σ_i w_bi > 0 of [Σ_i w_bi · BCE(s_bi, 1) / Σ_i w_bi].
+    AU side, for an image with expression label e and each AU i it has no label for:
+      "soft" (`coupling.au_targets`): target R[e, i] itself, zeros included: a calibrated
+        target, minimised where the AU's probability is the share of people with e who show it;
+        L_au = mean over such images of the mean over those AUs of BCE(s_bi, R[e, i]);
+      "hard": target 1 with weight w_bi = R[e, i] (nothing where R is 0), normalised per image by
+        the total weight: L_au = mean over b with Σ_i w_bi > 0 of
+        [Σ_i w_bi · BCE(s_bi, 1) / Σ_i w_bi]. It is minimised at p = 1 for every AU of the row,
+        observational ones included.
     Expression side (a choice of ours; the paper gives no formula): an image with at least one AU
     label and no expression label gets expression e when every prototypical AU of e is labelled
     and active, for exactly one e; images that match none or several get nothing:
@@ -185,16 +209,17 @@ def co_annotation_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax
     expression_mask = batch["expression_mask"].astype(jnp.float32)
     au_mask = batch["au_mask"].astype(jnp.float32)
     expression = jnp.where(expression_mask > 0, batch["expression"], 0).astype(jnp.int32)
+    au_logits = outputs["au_logits"].astype(jnp.float32)
 
-    weights = expression_mask[:, None] * (1.0 - au_mask) * relatedness[expression]  # [B, A]
-    bce_active = optax.sigmoid_binary_cross_entropy(
-        outputs["au_logits"].astype(jnp.float32), jnp.ones_like(weights))
-    total_weight = jnp.sum(weights, axis=-1)
-    has_target = (total_weight > 0).astype(jnp.float32)
-    per_image = jnp.sum(weights * bce_active, axis=-1) / jnp.where(total_weight > 0,
-                                                                   total_weight, 1.0)
-    au_term = (_sum(has_target * per_image, axis_name)
-               / jnp.maximum(1.0, _sum(has_target, axis_name)))
+    unlabelled = expression_mask[:, None] * (1.0 - au_mask)  # [B, A]
+    row = relatedness[expression]                            # [B, A]
+    if coupling.au_targets == "soft":
+        au_term = _per_image_mean(optax.sigmoid_binary_cross_entropy(au_logits, row),
+                                  unlabelled, axis_name)
+    else:
+        au_term = _per_image_mean(optax.sigmoid_binary_cross_entropy(au_logits,
+                                                                     jnp.ones_like(row)),
+                                  unlabelled * row, axis_name)
 
     active = au_mask * jnp.where(au_mask > 0, batch["au"], 0.0).astype(jnp.float32)  # [B, A]
     missing = (1.0 - active) @ prototypical.T  # [B, 7]: prototypical AUs not labelled active
@@ -208,36 +233,55 @@ def co_annotation_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax
     return au_term + expression_term
 
 
+def bernoulli_kl(q: jax.Array, logits: jax.Array) -> jax.Array:
+    """KL(Bern(q) ‖ Bern(sigmoid(logits))), elementwise, finite for q in [0, 1].
+
+    = BCE(logits, q) − H(q): the cross-entropy less the target's own entropy, so it is 0 exactly
+    where sigmoid(logits) = q, whatever q is. x·log x is taken as 0 at x = 0, and its gradient
+    there is finite (log of the smallest float32), so a column of the table that is 0 for every
+    expression (AU14 in Du et al.'s) gives q = 0 and no NaN.
+    """
+    tiny = jnp.finfo(jnp.float32).tiny
+    neg_entropy = (q * jnp.log(jnp.maximum(q, tiny))
+                   + (1.0 - q) * jnp.log(jnp.maximum(1.0 - q, tiny)))
+    return optax.sigmoid_binary_cross_entropy(logits, q) + neg_entropy
+
+
 def distribution_matching_loss(outputs: Mapping[str, jax.Array], coupling: Coupling,
                                axis_name: str | None = None) -> jax.Array:
-    """Each head's prediction, mapped through R, as a soft target for the other head.
+    """Each head's prediction, mapped through R, matched by the other head (KL divergences).
 
     On every image, labelled or not, with p = sigmoid(AU logits) and softmax(z) the expression
     distribution:
-      AU side: q_bi = Σ_e softmax(z_b)_e · R[e, i], ℓ_b = Σ_i BCE(target q_bi, logit s_bi);
-      expression side (our choice of the reverse direction): with R̂ the rows of R normalised to
-      sum 1, r_b = softmax_e(score_be), score_be = Σ_i R̂[e, i] · log p_bi, Neutral scored by
-      Σ_i log(1 − p_bi) / A, an expression whose row is all 0 excluded; ℓ'_b = CE(target r_b, z_b).
-    L = mean_b (ℓ_b + ℓ'_b). With `coupling.stop_gradient`, q and r are constants, so each head
-    learns only from the other's prediction; otherwise gradients reach both heads through them.
+      AU side: q_bi = Σ_e softmax(z_b)_e · R[e, i]; ℓ_b = mean_i KL(Bern(q_bi) ‖ Bern(p_bi)).
+      Expression side: r_b = softmax_e(Σ_i [p_bi log R̃[e, i] + (1 − p_bi) log(1 − R̃[e, i])]),
+        R̃ = R clipped to [0.05, 0.95] (Neutral's all-zero row becomes all 0.05): the naive-Bayes
+        posterior of the expression given the AU predictions under a uniform prior
+        (`taxonomy.au_log_likelihood`, the compound zero-shot rule's likelihood);
+        ℓ'_b = KL(r_b ‖ softmax(z_b)).
+    L = mean_b (ℓ_b + ℓ'_b).
+
+    Both sides are divergences, never cross-entropies against a target that gradients move: a
+    cross-entropy adds the target's entropy, which pays the network for low-entropy targets
+    (Neutral with every AU off). Here the term is 0 exactly where the heads agree (q = p and
+    r = softmax(z)), for any expression, and its gradient there is 0: it pulls toward no class.
+    Each side is a mean (over AUs, over images), so it weighs like a supervised term. With
+    `coupling.stop_gradient`, q and r are constants and each head learns only from the other's
+    prediction; otherwise (the paper's default) gradients reach both heads through them.
     """
     relatedness = jnp.asarray(coupling.relatedness, jnp.float32)
+    au_model = taxonomy.bernoulli_au_model(coupling.relatedness)
     expression_logits = outputs["expression_logits"].astype(jnp.float32)
     au_logits = outputs["au_logits"].astype(jnp.float32)
     targets = (lambda x: jax.lax.stop_gradient(x)) if coupling.stop_gradient else (lambda x: x)
 
-    au_target = targets(jax.nn.softmax(expression_logits) @ relatedness)  # [B, A], in [0, 1]
-    au_side = jnp.sum(optax.sigmoid_binary_cross_entropy(au_logits, au_target), axis=-1)
+    log_expression = jax.nn.log_softmax(expression_logits)                  # [B, 7]
+    au_target = targets(jnp.exp(log_expression) @ relatedness)              # [B, A]
+    au_side = jnp.mean(bernoulli_kl(au_target, au_logits), axis=-1)
 
-    row_sums = jnp.sum(relatedness, axis=-1, keepdims=True)
-    normalised = relatedness / jnp.where(row_sums > 0, row_sums, 1.0)
-    scores = jax.nn.log_sigmoid(au_logits) @ normalised.T  # [B, 7]
-    neutral = jnp.mean(jax.nn.log_sigmoid(-au_logits), axis=-1)
-    is_neutral = jnp.arange(relatedness.shape[0]) == taxonomy.NEUTRAL
-    scores = jnp.where(is_neutral[None, :], neutral[:, None], scores)
-    scores = jnp.where(is_neutral[None, :] | (row_sums[:, 0] > 0)[None, :], scores, -jnp.inf)
-    expression_target = targets(jax.nn.softmax(scores))
-    expression_side = optax.softmax_cross_entropy(expression_logits, expression_target)
+    log_posterior = targets(jax.nn.log_softmax(
+        taxonomy.au_log_likelihood(jax.nn.sigmoid(au_logits), au_model)))  # [B, 7]
+    expression_side = jnp.sum(jnp.exp(log_posterior) * (log_posterior - log_expression), axis=-1)
 
     count = _sum(jnp.ones_like(au_side), axis_name)
     return _sum(au_side + expression_side, axis_name) / count

@@ -186,6 +186,42 @@ def compound_components(classes: Sequence[str] = RAF_COMPOUND_CLASSES) -> np.nda
                      for name in classes], np.int32)
 
 
+# The naive-Bayes AU model of a class (a basic expression or a compound): P(AU i active | class)
+# is its relatedness entry clipped to [AU_PROBABILITY_FLOOR, AU_PROBABILITY_CEILING]. The floor: an
+# AU the row does not list (and every AU of Neutral's all-zero row) is rare, not impossible; the
+# ceiling: a prototypical AU (weight 1) is shown by nearly every subject, so one AU the network
+# misses lowers a class's score instead of ruling it out. The compound zero-shot rule and
+# distribution matching share it; why: docs/paper.md#compound-expressions-the-scoring-rule.
+AU_PROBABILITY_FLOOR = 0.05
+AU_PROBABILITY_CEILING = 0.95
+
+
+def bernoulli_au_model(table: np.ndarray) -> np.ndarray:
+    """P(AU active | class) [K, A], float64: a relatedness table [K, A] clipped to the bounds."""
+    return np.clip(np.asarray(table, np.float64), AU_PROBABILITY_FLOOR, AU_PROBABILITY_CEILING)
+
+
+def au_log_likelihood(au_probs, model: np.ndarray):
+    """[N, K]: Σ_i p_i log q_ki + (1 − p_i) log(1 − q_ki), q = `model` (`bernoulli_au_model`).
+
+    The expected Bernoulli log-likelihood of the AU activations under the network's belief p
+    (exactly the log-likelihood when p is 0 or 1). Under a uniform prior over the K classes its
+    softmax over k is the naive-Bayes posterior of the class given the AU predictions. It is
+    linear in p and uses only `@`, so `au_probs` may be a numpy array (compound zero-shot,
+    float64) or a jax array inside a jitted loss (its dtype is kept).
+
+    Args:
+      au_probs: [N, A] probabilities of the AUs (sigmoid of the AU logits).
+      model: [K, A] P(AU active | class), strictly inside (0, 1).
+
+    Returns:
+      [N, K], in `au_probs`' dtype and array type.
+    """
+    log_q = np.log(model).T.astype(au_probs.dtype)
+    log_not_q = np.log1p(-np.asarray(model)).T.astype(au_probs.dtype)
+    return au_probs @ log_q + (1.0 - au_probs) @ log_not_q
+
+
 def au_indices(subset: Sequence[int], aus: Sequence[int] = AUS) -> np.ndarray:
     """Positions in `aus` of the AUs of `subset` that the AU list contains."""
     return np.array([i for i, au in enumerate(aus) if au in set(subset)], np.int32)

@@ -52,7 +52,8 @@ def coupling_for(config: ml_collections.ConfigDict) -> losses.Coupling | None:
         return None
     table = relatedness.load(config.loss.relatedness, config.data.aus)
     return losses.Coupling(table.matrix, table.prototypical,
-                           stop_gradient=config.loss.distribution_matching.stop_gradient)
+                           stop_gradient=config.loss.distribution_matching.stop_gradient,
+                           au_targets=config.loss.co_annotation.au_targets)
 
 
 # Model outputs the losses read (the features stay inside the step).

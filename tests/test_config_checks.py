@@ -68,6 +68,16 @@ def test_coupling_settings_are_checked_only_when_a_coupling_is_on(tiny_config, t
     assert problem.startswith("loss.relatedness: ") and "missing.json" in problem
 
 
+def test_co_annotation_targets_are_soft_or_hard(tiny_config):
+    tiny_config.loss.co_annotation.au_targets = "sofft"
+    assert config_checks.validate(tiny_config, num_devices=1) == []  # couplings off: unused
+    tiny_config.loss.weights.co_annotation = 1.0
+    with pytest.raises(ConfigError) as raised:
+        config_checks.validate(tiny_config, num_devices=1)
+    assert raised.value.problems == [
+        "loss.co_annotation.au_targets: 'sofft' is not one of 'soft', 'hard'"]
+
+
 def test_a_misspelt_best_metric_is_refused_with_examples(tiny_config):
     tiny_config.train.best_metric = "validation/expression_acc"
     with pytest.raises(ConfigError) as raised:
@@ -207,6 +217,19 @@ def test_sources_saved_before_prepared_image_size_and_cache_restart(tiny_config,
     assert restored.data.sources.affectnet_like.cache is False
     assert config_checks.check_restart(restored, config, step=4) == [
         "changed (no effect on the training): data.sources.affectnet_like.cache: False -> True"]
+
+
+def test_a_run_saved_before_co_annotation_targets_restarts_with_the_hard_rule(tiny_config):
+    # Runs saved before the field trained co-annotation with target 1 weighted by the table.
+    saved = config_checks.as_plain(tiny_config)
+    del saved["loss"]["co_annotation"]
+    restored = checkpointing.config_from_json(saved)
+    assert restored.loss.co_annotation.au_targets == "hard"
+    assert config_checks.check_restart(restored, tiny_config, step=4) == []
+    changed = tiny_config.copy_and_resolve_references()
+    changed.loss.co_annotation.au_targets = "soft"
+    with pytest.raises(ConfigError, match=r"loss.co_annotation.au_targets: 'hard' -> 'soft'"):
+        config_checks.check_restart(restored, changed, step=4)
 
 
 def test_how_the_step_runs_may_change_on_a_restart(tiny_config):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbnet_jax import losses
+from fbnet_jax import losses, taxonomy
 
 WEIGHTS = {"expression": 1.0, "au": 1.0, "va": 1.0}
 
@@ -248,7 +248,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         batch["au"][row] = 0.0
         batch["au"][row, [taxonomy.AUS.index(12), taxonomy.AUS.index(25)]] = 1.0
 
-    for weights in (WEIGHTS, coupled):
+    soft = losses.Coupling(coupling.relatedness, coupling.prototypical, au_targets="soft")
+    for weights, coupling in ((WEIGHTS, coupling), (coupled, coupling), (coupled, soft)):
         def loss_and_grad(outputs, batch, axis_name=None):
             def total(o):
                 return losses.task_losses(o, batch, weights, axis_name, coupling=coupling)
@@ -290,9 +291,11 @@ def test_losses_are_exact_on_a_batch_sharded_over_8_devices_and_under_pmap():
         env=env, capture_output=True, text=True, timeout=300,
         cwd=os.path.dirname(tests_dir))
     assert result.returncode == 0, result.stdout + result.stderr
-    plain, coupled = result.stdout.splitlines()
-    assert plain.startswith("ok") and coupled.startswith("ok"), result.stdout
-    assert "'co_annotation'" in coupled and "'distribution_matching'" in coupled
+    plain, hard, soft = result.stdout.splitlines()
+    assert all(line.startswith("ok") for line in (plain, hard, soft)), result.stdout
+    for coupled in (hard, soft):
+        assert "'co_annotation'" in coupled and "'distribution_matching'" in coupled
+    assert hard != soft  # the co-annotation targets differ
 
 
 # --- coupling losses ------------------------------------------------------------------------
@@ -330,6 +333,32 @@ def test_co_annotation_gives_expression_only_images_the_tables_aus_with_their_we
     assert float(value) == pytest.approx(expected, rel=1e-6)
 
 
+def test_soft_co_annotation_targets_every_unlabelled_au_with_its_table_entry():
+    au_logits = np.array([[0.3, -1.2, 0.7, 2.0], [1.5, 0.1, -0.4, -2.0],
+                          [0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    outputs = {"au_logits": au_logits, "expression_logits": np.zeros((4, 7), np.float32)}
+    batch = {"expression": np.array([1, 5, 4, 0], np.int32),
+             "expression_mask": np.array([1, 1, 0, 1], np.float32),  # row 2: no expression
+             "au": np.zeros((4, 4), np.float32),
+             "au_mask": np.array([[0, 0, 1, 0],   # Anger (1, 0, 0.5, 0): AUs 1, 2, 4
+                                  [0, 1, 1, 0],   # Sadness (1, 0, 0, 0.25): AUs 1 and 4
+                                  [0, 0, 0, 0],
+                                  [1, 1, 1, 1]],  # Neutral, every AU labelled: nothing implied
+                                 np.float32)}
+    row0 = (_bce(0.3, 1.0) + _bce(-1.2, 0.0) + _bce(2.0, 0.0)) / 3   # zeros are targets too
+    row1 = (_bce(1.5, 1.0) + _bce(-2.0, 0.25)) / 2                    # a calibrated 0.25
+    soft = losses.Coupling(R4, P4, au_targets="soft")
+    value = losses.co_annotation_loss(outputs, batch, soft)
+    assert float(value) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # Neutral's all-zero row with its AUs unlabelled: every AU is a target 0.
+    batch["au_mask"][3] = 0.0
+    row3 = sum(_bce(0.5, 0.0) for _ in range(4)) / 4
+    value = losses.co_annotation_loss(outputs, batch, soft)
+    assert float(value) == pytest.approx((row0 + row1 + row3) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="au_targets must be one of"):
+        losses.Coupling(R4, P4, au_targets="sofft")
+
+
 @pytest.mark.parametrize("active, implied", [
     ([1, 0, 1, 0], None),   # AU 1 completes Anger and Sadness (both {1}): ambiguous
     ([0, 1, 0, 0], 2),      # Disgust {2}; Surprise {2, 3} is incomplete
@@ -363,27 +392,24 @@ def _np_sigmoid(x):
 
 
 def _dm_by_hand(z, s, table):
-    """Distribution matching of one image, written out with loops."""
+    """Distribution matching of one image, written out with loops (docs/design.md#losses)."""
     pe = [math.exp(v) for v in z]
     pe = [v / sum(pe) for v in pe]
     p = [_sigmoid(v) for v in s]
     num_aus = len(s)
     q = [sum(pe[e] * table[e][i] for e in range(7)) for i in range(num_aus)]
-    au_side = sum(_bce(s[i], q[i]) for i in range(num_aus))
-    scores = []
-    for e in range(7):
-        row = table[e]
-        if e == 0:
-            scores.append(sum(math.log(1 - v) for v in p) / num_aus)
-        elif sum(row) > 0:
-            scores.append(sum(row[i] / sum(row) * math.log(p[i]) for i in range(num_aus)))
-        else:
-            scores.append(None)
-    finite = [v for v in scores if v is not None]
-    norm = sum(math.exp(v) for v in finite)
-    r = [0.0 if v is None else math.exp(v) / norm for v in scores]
-    log_pe = [math.log(v) for v in pe]
-    expression_side = -sum(r[e] * log_pe[e] for e in range(7))
+
+    def xlogy(x, y):
+        return 0.0 if x == 0 else x * math.log(y)
+
+    au_side = sum(xlogy(q[i], q[i]) - xlogy(q[i], p[i]) + xlogy(1 - q[i], 1 - q[i])
+                  - xlogy(1 - q[i], 1 - p[i]) for i in range(num_aus)) / num_aus
+    clipped = [[min(max(v, 0.05), 0.95) for v in row] for row in table]
+    scores = [sum(p[i] * math.log(clipped[e][i]) + (1 - p[i]) * math.log(1 - clipped[e][i])
+                  for i in range(num_aus)) for e in range(7)]
+    norm = sum(math.exp(v) for v in scores)
+    r = [math.exp(v) / norm for v in scores]
+    expression_side = sum(r[e] * math.log(r[e] / pe[e]) for e in range(7))
     return au_side + expression_side
 
 
@@ -400,6 +426,75 @@ def test_distribution_matching_in_both_directions_by_hand():
     assert float(stopped) == float(value)  # the same value; only the gradients differ
 
 
+def test_the_expression_side_scores_with_the_table_clipped_to_5_and_95_percent():
+    # Neutral's all-zero row is all 0.05, a prototypical AU 0.95, an observational one itself.
+    model = taxonomy.bernoulli_au_model(R4)
+    np.testing.assert_array_equal(model[0], [0.05] * 4)
+    np.testing.assert_array_equal(model[1], [0.95, 0.05, 0.5, 0.05])
+    np.testing.assert_array_equal(model[5], [0.95, 0.05, 0.05, 0.25])
+    p = np.array([[0.9, 0.2, 0.6, 0.1]])
+    by_hand = [sum(p[0, i] * math.log(model[e, i]) + (1 - p[0, i]) * math.log(1 - model[e, i])
+                   for i in range(4)) for e in range(7)]
+    np.testing.assert_allclose(taxonomy.au_log_likelihood(p, model)[0], by_hand, rtol=1e-12)
+    # The jax path of the same function (inside the loss) keeps float32 and agrees.
+    in_jax = taxonomy.au_log_likelihood(jnp.asarray(p, jnp.float32), model)
+    assert in_jax.dtype == jnp.float32
+    np.testing.assert_allclose(in_jax[0], by_hand, rtol=1e-6)
+
+
+def _agreeing_heads(expression, table, iterations=200):
+    """Logits at which the two heads agree, dominated by `expression`.
+
+    Iterates softmax(z) <- posterior(softmax(z) @ R) from a one-hot start: its fixed point is a
+    pair of heads each of which predicts what the other implies (q = p and r = softmax(z)).
+    """
+    model = taxonomy.bernoulli_au_model(table)
+    probs = np.full(7, 1e-3 / 6)
+    probs[expression] = 1 - 1e-3
+    for _ in range(iterations):
+        scores = taxonomy.au_log_likelihood((probs @ table)[None], model)[0]
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+    p = np.clip(probs @ table, 1e-7, 1 - 1e-7)
+    return (np.log(probs)[None].astype(np.float32),
+            np.log(p / (1 - p))[None].astype(np.float32), probs)
+
+
+@pytest.mark.parametrize("stop_gradient", [False, True])
+@pytest.mark.parametrize("expression", range(7), ids=taxonomy.EXPRESSIONS)
+def test_distribution_matching_costs_nothing_where_the_heads_agree(expression, stop_gradient):
+    """At agreement the term is ~0 and its gradient pulls toward no class (not Neutral)."""
+    table = taxonomy.basic_relatedness()
+    coupling = losses.Coupling(table, taxonomy.prototypical_mask(taxonomy.EXPRESSIONS),
+                               stop_gradient=stop_gradient)
+    z, s, probs = _agreeing_heads(expression, table)
+    assert np.argmax(probs) == expression and probs[expression] > 0.99
+
+    def dm(z, s):
+        return losses.distribution_matching_loss({"expression_logits": z, "au_logits": s},
+                                                 coupling)
+
+    value, (dz, ds) = jax.value_and_grad(dm, argnums=(0, 1))(z, s)
+    assert float(value) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(dz, 0.0, atol=1e-6)
+    np.testing.assert_allclose(ds, 0.0, atol=1e-6)
+
+
+def test_distribution_matching_prefers_agreement_on_any_expression_to_neutral_with_no_au():
+    # The cross-entropy form paid the network for Neutral with every AU off (~0.015 there against
+    # 3.4 for agreeing heads on Happiness); the divergence ranks every agreement first.
+    table = taxonomy.basic_relatedness()
+    coupling = losses.Coupling(table, taxonomy.prototypical_mask(taxonomy.EXPRESSIONS))
+    neutral = {"expression_logits": np.array([[8.0, 0, 0, 0, 0, 0, 0]], np.float32),
+               "au_logits": np.full((1, 17), -8.0, np.float32)}
+    neutral_cost = float(losses.distribution_matching_loss(neutral, coupling))
+    for expression in range(7):
+        z, s, _ = _agreeing_heads(expression, table)
+        agreement = float(losses.distribution_matching_loss(
+            {"expression_logits": z, "au_logits": s}, coupling))
+        assert agreement < neutral_cost, (taxonomy.EXPRESSIONS[expression], agreement)
+
+
 def test_distribution_matching_stop_gradient_decides_which_head_learns_from_what():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(2, 7)).astype(np.float32)
@@ -412,16 +507,15 @@ def test_distribution_matching_stop_gradient_decides_which_head_learns_from_what
         return jax.grad(f, argnums=(0, 1))(z, s)
 
     dz_stop, ds_stop = grads(True)
-    # With constant targets each head's gradient is its own cross-entropy's: (prediction -
-    # target) / B, the target being the other head's prediction mapped through R.
+    # With constant targets each head's gradient is its own divergence's: the AU side is a mean
+    # over the 4 AUs and the images, (p - q) / (4 B); the expression side (softmax(z) - r) / B,
+    # the target being the other head's prediction mapped through the table.
     pe = jax.nn.softmax(z)
     q = pe @ R4
-    np.testing.assert_allclose(ds_stop, (jax.nn.sigmoid(s) - q) / 2, rtol=1e-5, atol=1e-7)
-    log_p = np.log(_np_sigmoid(s))
-    rows = R4 / np.maximum(R4.sum(1, keepdims=True), 1e-30)
-    scores = log_p @ rows.T
-    scores[:, 0] = np.log(1 - _np_sigmoid(s)).mean(1)
-    scores[:, 3] = -np.inf  # Fear's row is empty
+    np.testing.assert_allclose(ds_stop, (jax.nn.sigmoid(s) - q) / 8, rtol=1e-5, atol=1e-7)
+    model = np.clip(R4.astype(np.float64), 0.05, 0.95)
+    p = _np_sigmoid(s)
+    scores = p @ np.log(model).T + (1 - p) @ np.log(1 - model).T
     r = np.exp(scores - scores.max(1, keepdims=True))
     r /= r.sum(1, keepdims=True)
     np.testing.assert_allclose(dz_stop, (pe - r) / 2, rtol=1e-5, atol=1e-7)
@@ -429,6 +523,20 @@ def test_distribution_matching_stop_gradient_decides_which_head_learns_from_what
     assert not np.allclose(dz_free, dz_stop) and not np.allclose(ds_free, ds_stop)
     for g in (dz_stop, ds_stop, dz_free, ds_free):
         assert np.isfinite(np.asarray(g)).all()
+
+
+def test_distribution_matching_is_finite_where_a_table_column_is_all_zero():
+    # AU14 is in no row of Du et al.'s table: its target q is exactly 0 on every image.
+    table = taxonomy.basic_relatedness()
+    assert not table[:, taxonomy.AUS.index(14)].any()
+    coupling = losses.Coupling(table, taxonomy.prototypical_mask(taxonomy.EXPRESSIONS))
+    rng = np.random.default_rng(5)
+    outputs = {"expression_logits": rng.normal(size=(4, 7)).astype(np.float32) * 30,
+               "au_logits": rng.normal(size=(4, 17)).astype(np.float32) * 30}
+    value, grads = jax.value_and_grad(
+        lambda o: losses.distribution_matching_loss(o, coupling))(outputs)
+    assert np.isfinite(float(value)) and float(value) > 0
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
 
 
 def test_coupled_losses_are_finite_with_nothing_labelled():
