@@ -262,12 +262,13 @@ def _fer_csv(path, icml=False, newline="\n"):
 FERPLUS_HEADER = ("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
                   "contempt,unknown,NF")
 # Row k labels fer2013.csv row k (docs/datasets.md#fer2013-and-fer; the first two verbatim).
+# Comments: the label by FER+'s majority rule (the default), then by plurality where it differs.
 FERPLUS_ROWS = [
-    "Training,fer0000000.png,4,0,0,1,3,2,0,0,0,0",        # neutral
-    "Training,fer0000001.png,6,0,1,1,0,0,0,0,2,0",        # neutral
+    "Training,fer0000000.png,4,0,0,1,3,2,0,0,0,0",        # no majority (4 of 9); neutral
+    "Training,fer0000001.png,6,0,1,1,0,0,0,0,2,0",        # neutral (6 of 8)
     "PublicTest,fer0000002.png,0,10,0,0,0,0,0,0,0,0",     # happiness
     "PrivateTest,fer0000003.png,0,0,6,0,0,0,4,0,0,0",     # surprise
-    "Training,fer0000004.png,0,0,0,5,5,0,0,0,0,0",        # tied sadness / anger
+    "Training,fer0000004.png,0,0,0,5,5,0,0,0,0,0",        # no majority; tied sadness / anger
     "PublicTest,fer0000005.png,0,0,0,0,0,4,0,6,0,0",      # contempt
     "PrivateTest,,0,0,0,0,0,0,0,0,0,10",                  # NF, empty name
     "Training,fer0000006.png,0,0,0,0,9,0,0,0,1,0",        # anger (FER2013 code 7 unused)
@@ -280,11 +281,15 @@ FERPLUS_ROWS = [
     "Training,fer0000013.png,1,0,0,0,0,0,0,0,0,9",        # NF with a name
     "Training,fer0000014.png,5,x,0,0,0,0,0,0,0,0",        # unreadable vote
     "Training,fer0000015.png,5,0,0",                      # wrong number of fields
-    "Training,fer0000000.png,0,10,0,0,0,0,0,0,0,0",       # duplicated name
-    "Training,fer0000016.png,5,0,0,0,0,0,0,5,0,0"]        # tied neutral / contempt
-FERPLUS_EXPECTED = [("fer0000000.png", N, 0), ("fer0000001.png", N, 1),
-                    ("fer0000002.png", H, 2), ("fer0000003.png", U, 3),
-                    ("fer0000006.png", A, 7), ("fer0000011.png", F, 12)]
+    "Training,fer0000001.png,0,10,0,0,0,0,0,0,0,0",       # duplicated name
+    "Training,fer0000016.png,5,0,0,0,0,0,0,5,0,0"]        # no majority; tied neutral / contempt
+FERPLUS_EXPECTED = [("fer0000001.png", N, 1), ("fer0000002.png", H, 2),
+                    ("fer0000003.png", U, 3), ("fer0000006.png", A, 7),
+                    ("fer0000011.png", F, 12)]
+FERPLUS_PLURALITY_EXPECTED = [("fer0000000.png", N, 0)] + FERPLUS_EXPECTED
+FERPLUS_SKIPS = collections.Counter({
+    "unreadable pixels": 1, "unknown usage": 1, "unreadable FER2013 row": 1,
+    "unreadable votes": 1, "wrong number of fields": 1, "duplicated key": 1})
 
 
 @pytest.fixture
@@ -344,20 +349,67 @@ def test_ferplus_majority_vote_and_skips(fer_root):
     assert _rows(table) == [(name, e, NO_AU, -1, "") for name, e, _ in FERPLUS_EXPECTED]
     for (_, _, k), array in zip(FERPLUS_EXPECTED, table.columns()["pixels"]):
         assert np.array_equal(array, _pixels(k))
-    assert table.skips.counts == collections.Counter({
-        "unreadable pixels": 1, "unknown usage": 1, "unreadable FER2013 row": 1,
-        "unreadable votes": 1, "wrong number of fields": 1, "duplicated key": 1})
+    assert table.skips.counts == FERPLUS_SKIPS
     # FER+'s own labels outside the 7 expressions are left out by policy, not errors.
     assert table.skips.dropped == collections.Counter({
-        "tied votes": 2, "majority vote contempt": 1, "no image name": 1,
+        "no majority vote": 3, "majority vote contempt": 1, "no image name": 1,
         "majority vote unknown": 1, "no votes": 1, "majority vote not a face": 1})
     assert "fer2013.csv:10" in table.skips.first["unreadable pixels"][0]
+    assert sources.reader_options("ferplus") == {"vote": "majority"}
+
+
+def test_ferplus_plurality_vote(fer_root):
+    table = _read("ferplus", fer_root, vote="plurality")
+    assert _rows(table) == [(name, e, NO_AU, -1, "")
+                            for name, e, _ in FERPLUS_PLURALITY_EXPECTED]
+    assert table.skips.counts == FERPLUS_SKIPS
+    assert table.skips.dropped == collections.Counter({
+        "tied votes": 2, "plurality vote contempt": 1, "no image name": 1,
+        "plurality vote unknown": 1, "no votes": 1, "plurality vote not a face": 1})
+
+
+# Votes (neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF) ->
+# the label by the majority rule and by plurality: an expression, or the reason it is left out.
+FERPLUS_VOTE_RULES = [
+    ("5,1,1,1,1,1,0,0,0,0", N, N),                     # 5 of 10, but of 5 once singles go
+    ("2,1,1,1,1,1,1,1,1,0", N, N),                     # the only count above 1
+    ("4,0,0,0,0,0,0,0,2,2", "no majority vote", N),    # unknown and NF votes count: 4 of 8
+    ("5,0,3,0,0,0,0,0,2,0", "no majority vote", N),    # exactly half is not more than half
+    ("3,2,2,2,0,0,0,0,0,1", "no majority vote", N),    # 3 of 9
+    ("0,0,0,0,6,0,0,0,4,0", A, A),
+    ("1,1,1,1,1,1,1,1,1,1", "no majority vote", "tied votes"),
+    ("0,0,0,0,0,0,0,6,4,0", "majority vote contempt", "plurality vote contempt"),
+    ("0,3,0,0,0,0,0,0,7,0", "majority vote unknown", "plurality vote unknown"),
+    ("0,0,0,0,0,0,2,0,0,8", "majority vote not a face", "plurality vote not a face"),
+    ("0,0,0,0,0,0,0,0,0,0", "no votes", "no votes"),
+]
+
+
+def test_ferplus_vote_rules(tmp_path):
+    _write(tmp_path / "fer2013.csv", "\n".join(
+        ["emotion,pixels,Usage"] + [f"0,{_text(k)},Training" for k in range(len(
+            FERPLUS_VOTE_RULES))]) + "\n")
+    _write(tmp_path / "fer2013new.csv", "\n".join(
+        [FERPLUS_HEADER] + [f"Training,fer{k:07d}.png,{votes}"
+                            for k, (votes, _, _) in enumerate(FERPLUS_VOTE_RULES)]) + "\n")
+    for column, vote in ((1, "majority"), (2, "plurality")):
+        table = _read("ferplus", tmp_path, vote=vote)
+        labels = dict(zip(_keys(table), table.columns()["expression"].tolist()))
+        assert labels == {f"fer{k:07d}.png": rule[column]
+                          for k, rule in enumerate(FERPLUS_VOTE_RULES)
+                          if isinstance(rule[column], int)}, vote
+        assert table.skips.dropped == collections.Counter(
+            rule[column] for rule in FERPLUS_VOTE_RULES if isinstance(rule[column], str)), vote
+        assert not table.skips.counts
+    with pytest.raises(base.DatasetError) as error:
+        sources.get_source("ferplus", tmp_path, "train", vote="most")
+    assert str(error.value) == ("ferplus: option vote must be 'majority' (FER+'s own rule) or "
+                                "'plurality', got 'most'")
 
 
 def test_ferplus_splits(fer_root):
     parts = _check_splits("ferplus", fer_root)
-    assert parts == {"train": ["fer0000000.png", "fer0000001.png", "fer0000006.png",
-                               "fer0000011.png"],
+    assert parts == {"train": ["fer0000001.png", "fer0000006.png", "fer0000011.png"],
                      "validation": ["fer0000002.png"], "test": ["fer0000003.png"]}
 
 
@@ -384,7 +436,7 @@ def test_ferplus_wrong_root_and_strict(fer_root):
 
 
 def test_ferplus_strict_stops_at_the_first_bad_row(fer_root):
-    # Ties (line 6) are a policy drop; the first bad data is the short pixel row.
+    # No majority (lines 2 and 6) is a policy drop; the first bad data is the short pixel row.
     with pytest.raises(base.BadRecordError, match=r"fer2013.csv:10: unreadable pixels"):
         _read("ferplus", fer_root, strict=True)
 

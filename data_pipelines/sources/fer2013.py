@@ -16,16 +16,28 @@ Kaggle's train.csv / test.csv split of FER2013 is not read (its test part has no
 
 FER+ has the same rows as fer2013.csv in the same order: row i of fer2013new.csv labels the image
 of row i of fer2013.csv (FERPlus's generate_training_data.py pairs them so). Its columns are the
-votes of 10 taggers; the label is the class with strictly the most votes. A row is skipped (and
-counted) when that is contempt (there is no 8th class), unknown or NF (not a face), when the
-most votes are tied, and when the image name is empty (FER+ leaves it empty for non-faces).
+votes of 10 taggers over neutral, happiness, surprise, sadness, anger, disgust, fear, contempt,
+unknown and NF (not a face). Option `vote` picks how the votes become one label:
+
+  "majority" (default)  FER+'s own rule (the "majority" mode of FERPlus's src/ferplus.py): a
+                        count of 1 (a single tagger) is an outlier and set to 0; the label is
+                        the column holding more than half of the remaining votes, all 10 columns
+                        counted (unknown and NF included). A row where no column does is left
+                        out ("no majority vote"), as FER+'s reader leaves it out of training.
+  "plurality"           the column with strictly the most votes, every vote counted; a tie for
+                        the most is left out ("tied votes").
+
+Either way the row is left out (counted under its own reason) when the winner is contempt
+(there is no 8th class), unknown or NF, when no tagger voted, and when the image name is empty
+(FER+ leaves it empty for non-faces). These are FER+'s labels, not bad data (`Skips.drop`); a
+vote count that is not a number skips the row as bad data.
 The files must have the same number of rows and the same Usage on each row, else they are not
 the pair FER+ was made from and `DatasetError` is raised.
 
 Splits: the dataset's own, from the Usage column: Training -> "train", PublicTest ->
 "validation", PrivateTest -> "test" ("all": every row). Keys: `fer2013` rows are
 `<csv file>/<row>` (row = 0-based data row), `ferplus` rows are the FER+ image name
-(`fer0000000.png`). Neither has options.
+(`fer0000000.png`). `fer2013` has no options; `ferplus` has `vote` (above).
 """
 
 from __future__ import annotations
@@ -45,8 +57,8 @@ _FER_TO_C7 = (1, 2, 3, 4, 5, 6, 0)
 # FER+ vote columns -> index into taxonomy.EXPRESSIONS; None: the row is dropped when it wins.
 _VOTES = (("neutral", 0), ("happiness", 4), ("surprise", 6), ("sadness", 5), ("anger", 1),
           ("disgust", 2), ("fear", 3), ("contempt", None), ("unknown", None), ("NF", None))
-_DROPPED_WINNER = {"contempt": "majority vote contempt", "unknown": "majority vote unknown",
-                   "NF": "majority vote not a face"}
+_DROPPED_WINNER = {"contempt": "contempt", "unknown": "unknown", "NF": "not a face"}
+VOTES = ("majority", "plurality")
 _SIDE = 48
 
 
@@ -103,33 +115,58 @@ def read_fer2013(root: Path, split: str, table: base.Table) -> None:
                   expression=_FER_TO_C7[int(code)])
 
 
-def _vote(row: dict) -> tuple[int | None, str, str]:
-    """(expression, "", "") for a clear majority, else (None, reason, detail) of the drop."""
+def _vote(row: dict, vote: str) -> tuple[int | None, str, str]:
+    """(expression, "", "") for the label `vote` gives, else (None, reason, detail) of the drop.
+
+    See the module docstring for the two rules.
+    """
     votes = []
     for column, _ in _VOTES:
         text = row[column]
         if not (text.isascii() and text.isdigit()):
             return None, "unreadable votes", f"{column} = {text!r}"
         votes.append(int(text))
-    top = max(votes)
-    if top == 0:
+    if not any(votes):
         return None, "no votes", ""
-    winners = [column for (column, _), v in zip(_VOTES, votes) if v == top]
-    if len(winners) > 1:
-        return None, "tied votes", " = ".join(winners) + f" = {top}"
+    columns = [column for column, _ in _VOTES]
+    if vote == "majority":
+        # FER+'s reader drops single votes as outliers before looking for a majority; the
+        # unknown and NF votes stay in the total, so they can deny a class its majority.
+        counted = [v if v > 1 else 0 for v in votes]
+        total = sum(counted)
+        winners = [c for c, v in zip(columns, counted) if 2 * v > total]
+        if not winners:
+            shown = ", ".join(f"{c} {v}" for c, v in zip(columns, counted) if v)
+            return None, "no majority vote", (f"{shown} of {total} votes counted" if total
+                                              else "no column has more than one vote")
+    else:
+        top = max(votes)
+        winners = [c for c, v in zip(columns, votes) if v == top]
+        if len(winners) > 1:
+            return None, "tied votes", " = ".join(winners) + f" = {top}"
     expression = dict(_VOTES)[winners[0]]
     if expression is None:
-        return None, _DROPPED_WINNER[winners[0]], ""
+        return None, f"{vote} vote {_DROPPED_WINNER[winners[0]]}", ""
     return expression, "", ""
 
 
-def read_ferplus(root: Path, split: str, table: base.Table) -> None:
+def read_ferplus(root: Path, split: str, table: base.Table, *, vote: str = "majority") -> None:
     """Appends FER+'s images of `split` to `table` (see the module docstring).
 
+    Args:
+      root: the folder holding fer2013new.csv and the FER2013 CSV (or one or two folders above).
+      split: train / validation / test (FER2013's Usage) / all.
+      table: where the rows go.
+      vote: "majority" (FER+'s own rule) or "plurality": how the 10 taggers' votes become one
+        label.
+
     Raises:
-      DatasetError: a file is missing or unreadable, or fer2013new.csv and the FER2013 CSV do
-        not have the same rows (count or Usage).
+      DatasetError: a bad `vote`, a file missing or unreadable, or fer2013new.csv and the
+        FER2013 CSV without the same rows (count or Usage).
     """
+    if vote not in VOTES:
+        raise base.DatasetError(f"ferplus: option vote must be 'majority' (FER+'s own rule) or "
+                                f"'plurality', got {vote!r}")
     root = Path(root)
     ferplus = base.find_file(root, ("fer2013new.csv",), "ferplus", "FER+ label file")
     fer = _fer_file(root, "ferplus")
@@ -158,10 +195,10 @@ def read_ferplus(root: Path, split: str, table: base.Table) -> None:
         if not name:  # FER+ gives no image name to its not-a-face rows
             table.skips.drop("no image name", where)
             continue
-        expression, reason, detail = _vote(row)
+        expression, reason, detail = _vote(row, vote)
         if expression is None:
-            # Unreadable vote counts are bad data; ties and the winners outside the 7
-            # expressions are FER+'s own labels that the project does not use.
+            # Unreadable vote counts are bad data; no majority, ties and the winners outside
+            # the 7 expressions are FER+'s own labels that the project does not use.
             report = table.skips.skip if reason == "unreadable votes" else table.skips.drop
             report(reason, where, detail)
             continue
