@@ -106,7 +106,7 @@ AFFECTNET_TRAIN = [
     "2/d.jpg,0,0,8,8,,5,-0.7,0.2",                                          # 7
     "2/a.jpg,0,0,8,8,,6,-0.6,0.7",                                          # 8
     "3/c.jpg,0,0,8,8,,7,-0.4,0.3",                                          # 9 contempt
-    "3/none.jpg,0,0,8,8,,8,0.0,0.1",                                        # 10 None
+    "3/none.jpg,0,0,8,8,,8,0.0,0.1",                                        # 10 None, kept
     "3/unc.jpg,0,0,8,8,,9,-2,-2",                                           # 11 Uncertain
     "3/nf.jpg,0,0,8,8,,10,-2,-2",                                           # 12 No-Face
     "3/x11.jpg,0,0,8,8,,11,0.1,0.1",                                        # 13 unknown code
@@ -122,6 +122,7 @@ AFFECTNET_TRAIN = [
     "3/c2.jpg,0,0,8,8,,7,-2,-2",                                            # 23 contempt, no VA
     "",
     "3/code.jpg,0,0,8,8,,1.5,0.1,0.1",                                      # 25 not an integer
+    "3/none2.jpg,0,0,8,8,,8,-2,-2",                                         # 26 None, no VA
 ]
 AFFECTNET_VALIDATION = [AFFECTNET_HEADER, "5/v.jpg,0,0,8,8,,6,-0.8,0.5",
                         "5/w.jpg,0.0,0.0,8.0,8.0,,1,0.2,0.3"]
@@ -134,11 +135,12 @@ AFFECTNET_TRAIN_ROWS = [
     (IMAGES + "2/f.jpg", 3, _au(), (-0.1, 0.9)),
     (IMAGES + "2/d.jpg", 2, _au(), (-0.7, 0.2)),
     (IMAGES + "2/a.jpg", 1, _au(), (-0.6, 0.7)),
+    (IMAGES + "3/none.jpg", -1, _au(), (0.0, 0.1)),
     (IMAGES + "2/m.jpg", 0, _au(), None),
 ]
 AFFECTNET_TEST_ROWS = [(IMAGES + "5/v.jpg", 1, _au(), (-0.8, 0.5)),
                        (IMAGES + "5/w.jpg", 4, _au(), (0.2, 0.3))]
-AFFECTNET_SKIPS = {"contempt": 2, "expression None": 1, "expression Uncertain": 1, "no face": 1,
+AFFECTNET_SKIPS = {"contempt": 2, "no label": 1, "expression Uncertain": 1, "no face": 1,
                    "unknown expression code": 2, "bad valence/arousal": 3,
                    "wrong number of fields": 1, "bad landmarks": 1, "bad face box": 1,
                    "image file not found": 1, "duplicated key": 1}
@@ -190,7 +192,8 @@ def test_affectnet_csv_splits(tmp_path):
     assert _keys(_read(affectnet.read, tmp_path, "validation", validation_fraction=0.4,
                        seed=3)) == ["AffectNet/" + key for key in expected]
     assert reader_options("affectnet") == {"validation_fraction": 0.05, "seed": 0,
-                                           "keep_contempt_as_missing_expression": False}
+                                           "keep_contempt_as_missing_expression": False,
+                                           "keep_none_as_missing_expression": True}
     # The default 5% validation: still a partition of the training file.
     train = _keys(_read(affectnet.read, root, "train"))
     validation = _keys(_read(affectnet.read, root, "validation"))
@@ -203,9 +206,28 @@ def test_affectnet_keep_contempt_as_missing_expression(tmp_path):
     rows = _rows(table)
     assert (IMAGES + "3/c.jpg", -1, _au(), (-0.4, 0.3)) in rows
     assert len(rows) == len(AFFECTNET_TRAIN_ROWS) + len(AFFECTNET_TEST_ROWS) + 1
-    skips = dict(AFFECTNET_SKIPS, **{"no label": 1})
+    skips = dict(AFFECTNET_SKIPS, **{"no label": 2})
     del skips["contempt"]
     assert _all(table.skips) == skips
+
+
+def test_affectnet_none_rows_keep_their_valence_arousal_or_are_dropped(tmp_path):
+    root = _affectnet_csv(tmp_path)
+    record = get_source("affectnet", root, "all")[7]
+    assert record["key"] == IMAGES + "3/none.jpg"
+    assert int(record["expression"]) == -1
+    np.testing.assert_array_equal(record["va"], np.array([0.0, 0.1], np.float32))
+    # Dropped on request: the None row with VA and the one without are counted as None.
+    table = _read(affectnet.read, root, "all", keep_none_as_missing_expression=False)
+    assert _rows(table) == [row for row in AFFECTNET_TRAIN_ROWS + AFFECTNET_TEST_ROWS
+                            if row[0] != IMAGES + "3/none.jpg"]
+    skips = dict(AFFECTNET_SKIPS, **{"expression None": 2})
+    del skips["no label"]
+    assert _all(table.skips) == skips
+    for option in ("keep_none_as_missing_expression", "keep_contempt_as_missing_expression"):
+        with pytest.raises(DatasetError) as error:
+            get_source("affectnet", root, "all", **{option: "no"})
+        assert str(error.value) == f"affectnet: option {option} must be True or False, got 'no'"
 
 
 def test_affectnet_csv_strict_stops_at_the_first_bad_row(tmp_path):
@@ -253,6 +275,7 @@ NPY_TRAIN = {  # id: (exp, val, aro); None: no file
     "12": (np.array(9), np.array(-2.0), np.array(-2.0)),
     "13": (np.array("3"), np.array("-2"), np.array("-2")),
     "14": (np.array(7), np.array(0.2), np.array(0.2)),
+    "15": (np.array("8"), np.array(0.4), np.array(-0.4)),
 }
 NPY_VAL = {"0": (np.array(6), np.array(-0.8), np.array(0.5)),
            "1": (np.array("2"), np.array("0.3"), np.array("0.6"))}
@@ -260,7 +283,8 @@ NPY_TRAIN_ROWS = [("train_set/images/0.jpg", 4, _au(), (0.5, -0.25)),
                   ("train_set/images/1.jpg", 0, _au(), (0.1, -0.1)),
                   ("train_set/images/2.jpg", 1, _au(), (0.2, 0.3)),
                   ("train_set/images/10.jpg", 2, _au(), (-0.3, 0.4)),
-                  ("train_set/images/13.jpg", 6, _au(), None)]
+                  ("train_set/images/13.jpg", 6, _au(), None),
+                  ("train_set/images/15.jpg", -1, _au(), (0.4, -0.4))]
 NPY_TEST_ROWS = [("val_set/images/0.jpg", 1, _au(), (-0.8, 0.5)),
                  ("val_set/images/1.jpg", 5, _au(), (0.3, 0.6))]
 

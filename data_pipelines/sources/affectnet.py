@@ -38,14 +38,16 @@ both. `all` is every row of both files.
 Labels: the expression codes 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger
 map to the project's order (Neutral, Anger, Disgust, Fear, Happiness, Sadness, Surprise) as
 [0, 4, 5, 6, 3, 2, 1]. Codes 7 Contempt, 8 None, 9 Uncertain and 10 No-Face have no class of the
-7: their rows are left out, each counted apart under its own reason (`Skips.drop`: AffectNet's
-own labels, never a strict error). With
-`keep_contempt_as_missing_expression=True` a Contempt row is kept instead, with the expression
-missing (-1) and its valence/arousal labels (the project has no Contempt class). Valence and
-arousal are floats in [-1, 1]; -2 (the value of the Uncertain and No-Face rows) means "not
-annotated": a pair with a -2 has no VA label. Any other value outside [-1, 1], or NaN, skips the
-row; so does a code outside 0..10 or an empty face box (a row left without any label is left
-out).
+7. A None row (a face showing none of AffectNet's expressions) still carries valid valence and
+arousal, so by default it is kept with the expression missing (-1) and its valence/arousal
+labels; with `keep_none_as_missing_expression=False` it is left out instead. Contempt rows are
+left out by default; with `keep_contempt_as_missing_expression=True` they are kept like None
+rows (the project has no Contempt class). Uncertain and No-Face rows are always left out. Rows
+left out are counted apart, each code under its own reason (`Skips.drop`: AffectNet's own
+labels, never a strict error). Valence and arousal are floats in [-1, 1]; -2 (the value of the
+Uncertain and No-Face rows) means "not annotated": a pair with a -2 has no VA label. Any other
+value outside [-1, 1], or NaN, skips the row; so does a code outside 0..10 or an empty face box.
+A row kept with neither an expression nor valence/arousal is left out ("no label").
 Keys are the image paths relative to `root`.
 """
 
@@ -62,6 +64,7 @@ DATASET = "affectnet"
 # AffectNet code -> index in taxonomy.EXPRESSIONS; codes 7..10 have no class.
 _TO_C7 = (0, 4, 5, 6, 3, 2, 1)
 CONTEMPT = 7
+NONE = 8
 _DROPPED = {7: "contempt", 8: "expression None", 9: "expression Uncertain", 10: "no face"}
 VA_MISSING = -2.0
 _COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
@@ -98,7 +101,7 @@ def _release(root: Path) -> tuple[str, Path]:
     return "npy", npy.parent.parent
 
 
-def _expression(value: object, keep_contempt: bool) -> int | str:
+def _expression(value: object, keep_contempt: bool, keep_none: bool) -> int | str:
     """The project's expression index (-1 missing), or the skip reason."""
     try:
         number = float(value)
@@ -107,7 +110,7 @@ def _expression(value: object, keep_contempt: bool) -> int | str:
     if not (math.isfinite(number) and number == int(number) and 0 <= number <= 10):
         return "unknown expression code"
     code = int(number)
-    if code == CONTEMPT and keep_contempt:
+    if (code == CONTEMPT and keep_contempt) or (code == NONE and keep_none):
         return -1
     if code in _DROPPED:
         return _DROPPED[code]
@@ -121,10 +124,11 @@ def _report_code(table: base.Table, reason: str, where: str, detail: str) -> Non
 
 
 def _labels(table: base.Table, where: str, code: object, valence: object, arousal: object,
-            keep_contempt: bool, shown: str) -> tuple[int, tuple[float, float] | None] | None:
+            keep_contempt: bool, keep_none: bool, shown: str
+            ) -> tuple[int, tuple[float, float] | None] | None:
     """(expression, VA) of a row, or None when the row is skipped or left out (counted);
     `shown` is the code as messages show it."""
-    expression = _expression(code, keep_contempt)
+    expression = _expression(code, keep_contempt, keep_none)
     if isinstance(expression, str):
         _report_code(table, expression, where, shown)
         return None
@@ -163,7 +167,8 @@ def _csv_rows(path: Path):
 
 
 def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
-              validation_fraction: float, seed: int, keep_contempt: bool) -> None:
+              validation_fraction: float, seed: int, keep_contempt: bool,
+              keep_none: bool) -> None:
     images = release / _IMAGES
     _check_images(images, table)
     files = {"training.csv": split in ("train", "validation", "all"),
@@ -185,7 +190,7 @@ def _read_csv(root: Path, release: Path, split: str, table: base.Table, *,
                 if base.subject_split(image, seed, validation_fraction, 0.0) != split:
                     continue
             labels = _labels(table, where, row["expression"], row["valence"], row["arousal"],
-                             keep_contempt, row["expression"])
+                             keep_contempt, keep_none, row["expression"])
             if labels is None:
                 continue
             expression, va = labels
@@ -235,7 +240,8 @@ def _id_order(name: str) -> tuple[bool, int, str]:
 
 
 def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
-              validation_fraction: float, seed: int, keep_contempt: bool) -> None:
+              validation_fraction: float, seed: int, keep_contempt: bool,
+              keep_none: bool) -> None:
     folders = {"train_set": split in ("train", "validation", "all"),
                "val_set": split in ("test", "all")}
     for name, wanted in folders.items():
@@ -271,7 +277,7 @@ def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
                 table.skips.skip("unreadable annotation file", where, "; ".join(errors))
                 continue
             labels = _labels(table, where, values["exp"], values["val"], values["aro"],
-                             keep_contempt, repr(values["exp"]))
+                             keep_contempt, keep_none, repr(values["exp"]))
             if labels is None:
                 continue
             expression, va = labels
@@ -284,7 +290,8 @@ def _read_npy(root: Path, release: Path, split: str, table: base.Table, *,
 
 
 def read(root: Path, split: str, table: base.Table, *, validation_fraction: float = 0.05,
-         seed: int = 0, keep_contempt_as_missing_expression: bool = False) -> None:
+         seed: int = 0, keep_contempt_as_missing_expression: bool = False,
+         keep_none_as_missing_expression: bool = True) -> None:
     """Appends AffectNet's rows of `split` to `table` (see the module docstring).
 
     Args:
@@ -295,10 +302,23 @@ def read(root: Path, split: str, table: base.Table, *, validation_fraction: floa
       validation_fraction: the fraction of training images that form `validation`.
       seed: the seed of that split.
       keep_contempt_as_missing_expression: keep Contempt rows, with no expression label but
-        their valence/arousal, instead of skipping them.
+        their valence/arousal, instead of leaving them out.
+      keep_none_as_missing_expression: keep None rows (code 8), with no expression label but
+        their valence/arousal (the default), instead of leaving them out.
+
+    Raises:
+      DatasetError: a keep_* option that is not True or False, no release or both under
+        `root`, or a list file that cannot be read.
     """
+    for name, value in (("keep_contempt_as_missing_expression",
+                         keep_contempt_as_missing_expression),
+                        ("keep_none_as_missing_expression", keep_none_as_missing_expression)):
+        if not isinstance(value, bool):
+            raise base.DatasetError(f"{DATASET}: option {name} must be True or False, got "
+                                    f"{value!r}")
     root = Path(root)
     kind, release = _release(root)
     reader = _read_csv if kind == "csv" else _read_npy
     reader(root, release, split, table, validation_fraction=validation_fraction, seed=seed,
-           keep_contempt=keep_contempt_as_missing_expression)
+           keep_contempt=keep_contempt_as_missing_expression,
+           keep_none=keep_none_as_missing_expression)
