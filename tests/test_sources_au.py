@@ -372,16 +372,18 @@ def test_disfa_splits(disfa_root):
 BP4D_HEADER = ",".join(str(c) for c in range(100))
 
 
-def _bp4d_row(frame, codes: dict, fields: int = 100) -> str:
-    """An AU_OCC row: frame, then AU 1..99 (9 = not coded unless given)."""
-    return ",".join([str(frame)] + [str(codes.get(au, 9)) for au in range(1, fields)])
+def _bp4d_row(frame, codes: dict, fields: int = 100, fill=9) -> str:
+    """An AU_OCC row: frame, then AU 1..99 (`fill` unless given)."""
+    return ",".join([str(frame)] + [str(codes.get(au, fill)) for au in range(1, fields)])
 
 
 BENCH = {1: 1, 2: 0, 4: 9, 6: 1, 7: 0, 10: 1, 12: 1, 14: 0, 15: 0, 17: 0, 23: 1, 24: 0}
+# The 12 AUs BP4D's files code; a value in any other column is never a label.
+BP4D_CODED = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
 
 
 def _bp4d_au(codes: dict) -> list:
-    return _au({au: -1 if v == 9 else v for au, v in codes.items()})
+    return _au({au: -1 if v == 9 else v for au, v in codes.items() if au in BP4D_CODED})
 
 
 @pytest.fixture
@@ -401,13 +403,15 @@ def bp4d_root(tmp_path):
         _bp4d_row(1001, {**BENCH, 6: "nan"}),                  # NaN
         _bp4d_row(1002, {**BENCH, 7: ""}),                     # empty cell
     ], newline="\r\n", last_newline=False)
-    _write(occ / "M011_T1.csv", [BP4D_HEADER, _bp4d_row(7, {12: 1, 25: 0})])
+    _write(occ / "M011_T1.csv", [BP4D_HEADER, _bp4d_row(7, {12: 1, 25: 0}),
+                                 # Uncoded columns holding 0, and a 1 in AU25's column.
+                                 _bp4d_row(8, {**BENCH, 25: 1}, fill=0)])
     _write(occ / "M009_T3.csv", [BP4D_HEADER, _bp4d_row(50, {1: 0, 5: 1})])
     _write(occ / "F007_T8.csv", [BP4D_HEADER, _bp4d_row(7, {14: 1})])
     _write(occ / "notes.csv", ["not,a,label,file"])
     images = root / "Sequences(2D+3D)"
     for name in ("F001/T1/0643.jpg", "F001/T1/1000.jpg", "F001/T1/1001.jpg", "F001/T1/1002.jpg",
-                 "M011/T1/7.jpg", "M009/T3/050.jpg", "F007/T8/0007.jpg"):
+                 "M011/T1/7.jpg", "M011/T1/8.jpg", "M009/T3/050.jpg", "F007/T8/0007.jpg"):
         _image(images / name)
     return root
 
@@ -420,12 +424,17 @@ def test_bp4d_labels_and_skips(bp4d_root):
         ("F007/T8/7", _bp4d_au({14: 1}), "F007"),
         ("M009/T3/50", _bp4d_au({1: 0, 5: 1}), "M009"),
         ("M011/T1/7", _bp4d_au({12: 1, 25: 0}), "M011"),
+        ("M011/T1/8", _bp4d_au(BENCH), "M011"),
     ]
-    assert _rows(table)[0][1] == [1, 0, -1, -1, 1, 0, -1, 1, 1, 0, 0, 0, -1, 1, 0, -1, -1]
+    # Over taxonomy.AUS: AU4 is coded 9; AU5, 9, 20, 25 and 26 are not coded by BP4D, so
+    # missing even where their column holds 0 or 1 (M011/T1/8).
+    bench = [1, 0, -1, -1, 1, 0, -1, 1, 1, 0, 0, 0, -1, 1, 0, -1, -1]
+    assert _rows(table)[0][1] == _rows(table)[-1][1] == bench
+    assert _rows(table)[3][1] == [0] + [-1] * 16  # M009: AU1 0; AU5's 1 is not a label
     images = bp4d_root / "Sequences(2D+3D)"
     assert [Path(p).relative_to(images).as_posix() for p in table.columns()["path"]] == [
         "F001/T1/0643.jpg", "F001/T1/1000.jpg", "F007/T8/0007.jpg", "M009/T3/050.jpg",
-        "M011/T1/7.jpg"]
+        "M011/T1/7.jpg", "M011/T1/8.jpg"]
     occ = bp4d_root / "AUCoding/AU_OCC/F001_T1.csv"
     assert table.skips.counts == collections.Counter({
         "AU value not 0, 1 or 9": 3, "no AU label": 1, "wrong number of fields": 1,

@@ -17,8 +17,14 @@ header cell names: the BP4D header is `0,1,2,...,99` (column N = AU N); the BP4D
 the AUs (`1,1,2,4,5,...`, its frame column also reading `1`), so columns are taken by position,
 never looked up by name. Values: 0 absent, 1 present, 9 not coded (that AU becomes -1). A row
 with any other value, the wrong number of fields or an unreadable frame number is skipped, and
-so is a row whose 17 AUs of the model are all 9; all are counted. AUs outside the model's 17 are
-checked but not kept.
+so is a row whose coded AUs of the model are all 9; all are counted. AUs outside the model's 17
+are checked but not kept.
+
+Coded AUs: BP4D's files code 12 AUs, 1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23 and 24
+(`taxonomy.DATASET_AUS["bp4d"]`, the FERA 2015 / ME-GraphAU set). Its header has a column for
+every AU number 1..99 all the same, and a column nobody coded can hold 0, which is not a FACS
+"absent": so every other AU of a BP4D row is missing (-1), whatever its column holds (its value
+is still checked). BP4D+'s header names the AUs its files code, and all of them are kept.
 
 Images: `<images>/<Subj>/<Task>/<frame>.jpg`, where the zero padding of the frame number differs
 between subjects (BP4D: 4 digits for F001-F023 and M001-M008, 3 for M009-M018; BP4D+: 3 or 4;
@@ -43,7 +49,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from data_pipelines.sources import base
@@ -59,6 +65,8 @@ BP4D_PARTS = (
     ("F007", "F015", "F006", "F019", "M006", "M009", "F012", "M003", "F004", "F021", "F017",
      "M015", "F014"),
 )
+# The AUs BP4D's AU_OCC files code; its other columns are never labels (module docstring).
+BP4D_CODED_AUS = frozenset(taxonomy.DATASET_AUS["bp4d"])
 LABEL_NAMES = ("AUCoding/AU_OCC/*_*.csv", "AUCoding/AUCoding/*_*.csv")
 _FILE = re.compile(r"^(?P<subject>[A-Za-z]+\d+)_(?P<task>[A-Za-z]+\d+)\.csv$")
 _CODES = {"0": 0, "1": 1, "9": -1}
@@ -115,8 +123,9 @@ def _images_folder(root: Path, images_dir: str, defaults: Sequence[str], dataset
 
 
 def _read_file(path: Path, subject: str, task: str, images: Path, table: base.Table,
-               dataset: str) -> None:
-    """Appends the coded frames of one subject and task."""
+               dataset: str, coded: Collection[int] | None) -> None:
+    """Appends the coded frames of one subject and task; only the AUs of `coded` (None: every
+    AU of the header) are labelled."""
     lines = base.read_lines(path)
     reader = csv.reader(lines)
     header = next(reader, None)
@@ -124,7 +133,8 @@ def _read_file(path: Path, subject: str, task: str, images: Path, table: base.Ta
         raise base.DatasetError(f"{path}: empty file (expected a header row and one row per "
                                 f"coded frame)")
     columns = _columns(path, header)
-    kept = [(k, au) for k, au in columns.items() if au in taxonomy.AUS]
+    kept = [(k, au) for k, au in columns.items()
+            if au in taxonomy.AUS and (coded is None or au in coded)]
     folder = images / subject / task
     if not folder.is_dir() and (images / f"{subject}.zip").is_file():
         raise base.DatasetError(f"{dataset}: {images / subject} is missing but "
@@ -166,14 +176,15 @@ def _read_file(path: Path, subject: str, task: str, images: Path, table: base.Ta
 
 def _read(root: Path, split: str, table: base.Table, *, dataset: str, images_dir: str,
           default_images: Sequence[str], parts: Sequence[Sequence[str]], fold: int | None,
-          validation_fraction: float, test_fraction: float, seed: int) -> None:
+          validation_fraction: float, test_fraction: float, seed: int,
+          coded: Collection[int] | None) -> None:
     files = _label_files(root, dataset)
     images = _images_folder(root, images_dir, default_images, dataset)
     for subject, task, path in files:
         part = fold_split(subject, parts, fold, seed, validation_fraction, test_fraction,
                           dataset)
         if split in ("all", part):
-            _read_file(path, subject, task, images, table, dataset)
+            _read_file(path, subject, task, images, table, dataset, coded)
 
 
 def read_bp4d(root: Path, split: str, table: base.Table, *, images_dir: str = "",
@@ -187,7 +198,8 @@ def read_bp4d(root: Path, split: str, table: base.Table, *, images_dir: str = ""
     """
     _read(root, split, table, dataset="bp4d", images_dir=images_dir,
           default_images=("Sequences(2D+3D)", "Sequences"), parts=BP4D_PARTS, fold=fold,
-          validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed)
+          validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed,
+          coded=BP4D_CODED_AUS)
 
 
 def read_bp4d_plus(root: Path, split: str, table: base.Table, *, images_dir: str = "",
@@ -201,4 +213,5 @@ def read_bp4d_plus(root: Path, split: str, table: base.Table, *, images_dir: str
     """
     _read(root, split, table, dataset="bp4d_plus", images_dir=images_dir,
           default_images=("2D+3D",), parts=(), fold=None,
-          validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed)
+          validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed,
+          coded=None)
