@@ -5,6 +5,11 @@
 tables, the plots embedded as base64 data URIs, so the page travels alone). `report_for_evaluation`
 is the call an evaluation makes once its metrics are written.
 
+Beside the confusion matrix's plot, `out_dir/expression_confusion.json` holds the counts it draws,
+for programs (benchmarks/ablation.py reads the prediction histogram from it):
+`{"split": ..., "classes": [names], "rows": "true class", "columns": "predicted class",
+"counts": [[int]]}`, whole split, `counts[i][j]` the faces of true class i predicted as j.
+
 The plots: the expression confusion matrix normalised per true class, per-AU F1 at threshold 0.5
 and at tuned thresholds, predicted against true valence and arousal, the headline metrics per
 source, and the run's training curves. A plot whose data is absent (no VA label in the split, no
@@ -31,6 +36,7 @@ import base64
 import dataclasses
 import html
 import io
+import json
 import logging
 import math
 import re
@@ -49,6 +55,7 @@ from fbnet_jax import logs, metrics, taxonomy
 log = logging.getLogger(__name__)
 
 MARKDOWN_FILE, HTML_FILE = "report.md", "report.html"
+CONFUSION_FILE = "expression_confusion.json"  # the counts of the confusion matrix plot
 DPI = 100
 # Inches, so pixels are 100x these. Fixed, so reports of different runs line up.
 FIGURE_SIZES = {
@@ -308,9 +315,21 @@ def confusion_counts(results: Mapping[str, Any], split: str,
     return None, "it needs the predictions of the split, which were not given"
 
 
-def _confusion_plot(results, split, arrays) -> Plot:
+def _class_names(counts: np.ndarray) -> list[str]:
+    """The classes of a confusion matrix: the taxonomy's expressions, or indices if it has not 7."""
+    n = counts.shape[0]
+    return list(taxonomy.EXPRESSIONS) if n == len(taxonomy.EXPRESSIONS) else [
+        str(i) for i in range(n)]
+
+
+def confusion_file(counts: np.ndarray, split: str) -> dict[str, Any]:
+    """The content of `CONFUSION_FILE` for the confusion matrix `counts` (rows true) of `split`."""
+    return {"split": split, "classes": _class_names(counts), "rows": "true class",
+            "columns": "predicted class", "counts": np.asarray(counts, np.int64).tolist()}
+
+
+def _confusion_plot(counts: np.ndarray | None, why: str, split: str) -> Plot:
     title = "Expression confusion matrix"
-    counts, why = confusion_counts(results, split, arrays)
     if counts is None:
         return Plot("confusion_matrix", title, None, why)
     support = counts.sum(axis=1)
@@ -318,8 +337,7 @@ def _confusion_plot(results, split, arrays) -> Plot:
     normalised = np.full(counts.shape, np.nan)
     np.divide(counts, support[:, None], out=normalised, where=support[:, None] > 0)
     n = counts.shape[0]
-    names = list(taxonomy.EXPRESSIONS) if n == len(taxonomy.EXPRESSIONS) else [
-        str(i) for i in range(n)]
+    names = _class_names(counts)
     figure = _figure("confusion_matrix")
     ax = figure.subplots()
     image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -466,10 +484,15 @@ def _training_plot(workdir) -> Plot:
 
 
 def make_plots(results: Mapping[str, Any], split: str,
-               arrays: tuple[Mapping, Mapping] | None, workdir) -> list[Plot]:
-    """Every plot of the report, drawn with matplotlib's default style."""
+               arrays: tuple[Mapping, Mapping] | None, workdir,
+               confusion: tuple[np.ndarray | None, str]) -> list[Plot]:
+    """Every plot of the report, drawn with matplotlib's default style.
+
+    `confusion` is `confusion_counts(results, split, arrays)`, computed once by the caller, which
+    also writes it to `CONFUSION_FILE`: the file holds the very matrix the plot draws.
+    """
     with matplotlib.style.context("default"):
-        return [_confusion_plot(results, split, arrays), _au_plot(results, split),
+        return [_confusion_plot(*confusion, split), _au_plot(results, split),
                 _va_plot(results, split, arrays), _sources_plot(results, split),
                 _training_plot(workdir)]
 
@@ -576,7 +599,8 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
         few-shot keys (fbnet_jax/compound.py) of any split get a section of their own.
       split: the split of `results` to report.
       out_dir: created if needed. PNGs of plots left out this time are removed from it, so it
-        never shows a stale plot.
+        never shows a stale plot; `CONFUSION_FILE` is written with the confusion matrix plot and
+        removed without it.
       arrays: (outputs, labels) of the split as `evaluate.predict` returns them; needed for the
         confusion matrix (unless the results carry one) and the VA histograms.
       workdir: the run's directory, for the training curves of its train.log.
@@ -597,7 +621,8 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     # Here, not at the top: fbnet_jax/report_compound.py imports this module.
     from fbnet_jax import report_compound  # pylint: disable=g-import-not-at-top
-    plots = make_plots(results, split, arrays, workdir)
+    confusion = confusion_counts(results, split, arrays)
+    plots = make_plots(results, split, arrays, workdir, confusion)
     compound_plot = report_compound.few_shot_plot(results)
     for plot in plots + [compound_plot]:
         path = out_dir / plot.file_name
@@ -605,6 +630,12 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
             path.write_bytes(plot.png)
         else:
             path.unlink(missing_ok=True)
+    counts, _ = confusion
+    if counts is None:
+        (out_dir / CONFUSION_FILE).unlink(missing_ok=True)
+    else:
+        (out_dir / CONFUSION_FILE).write_text(json.dumps(confusion_file(counts, split)) + "\n",
+                                              encoding="utf-8")
     blocks = _blocks(results, split, plots, compound_plot, title)
     md_path, html_path = out_dir / MARKDOWN_FILE, out_dir / HTML_FILE
     md_path.write_text(render_markdown(blocks), encoding="utf-8")

@@ -225,9 +225,12 @@ def test_plots_without_data_are_left_out_with_a_reason(tmp_path):
             ("Training curves", "no run directory was given")):
         assert _section(markdown, heading).strip() == f"_Not drawn: {why}._"
         assert f"<em>Not drawn: {why}.</em>" in html_path.read_text()
-    # Without predictions: no confusion matrix and no VA plot; a run without train.log.
+    # Without predictions: no confusion matrix (nor its counts) and no VA plot; a run without
+    # train.log.
+    assert (out / report.CONFUSION_FILE).is_file()
     md_path, html_path = report.write_report(results, "test", out, workdir=tmp_path)
     _check_pngs(out, [], html_path)
+    assert not (out / report.CONFUSION_FILE).exists()
     markdown = md_path.read_text()
     assert _section(markdown, "Expression confusion matrix").strip() == (
         "_Not drawn: it needs the predictions of the split, which were not given._")
@@ -245,6 +248,28 @@ def test_confusion_counts_use_the_labelled_real_rows(tmp_path):
     # Without predictions, a matrix carried by the results is used.
     carried = {"test/expression_confusion_matrix": expected.tolist()}
     np.testing.assert_array_equal(report.confusion_counts(carried, "test", None)[0], expected)
+
+
+def test_confusion_counts_are_written_beside_the_plot(tmp_path):
+    out = tmp_path / "report"
+    report.write_report(RESULTS, "test", out, arrays=_arrays())
+    assert (out / "confusion_matrix.png").is_file()
+    # The counts of test_confusion_counts_use_the_labelled_real_rows, whole split.
+    assert json.loads((out / report.CONFUSION_FILE).read_text()) == {
+        "split": "test", "classes": list(taxonomy.EXPRESSIONS), "rows": "true class",
+        "columns": "predicted class",
+        "counts": [[1, 0, 0, 0, 1, 0, 0],
+                   [0, 0, 0, 0, 0, 0, 0],
+                   [0, 0, 1, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0, 0],
+                   [1, 0, 0, 0, 2, 0, 0],
+                   [0, 0, 0, 0, 0, 1, 0],
+                   [0, 0, 0, 0, 0, 0, 0]]}
+    # A matrix the results carry (no predictions given) is written as well; this one is not
+    # symmetric, so rows and columns cannot be swapped unseen.
+    carried = [[7 * true + predicted for predicted in range(7)] for true in range(7)]
+    report.write_report({**RESULTS, "test/expression_confusion_matrix": carried}, "test", out)
+    assert json.loads((out / report.CONFUSION_FILE).read_text())["counts"] == carried
 
 
 def test_reports_are_reproducible(tmp_path):
