@@ -1,6 +1,7 @@
 """The AU sources (EmotioNet, DISFA, BP4D, BP4D+) on tiny fixtures in their real formats."""
 
 import collections
+import logging
 import math
 from pathlib import Path
 
@@ -153,6 +154,58 @@ def test_emotionet_manual_csv_is_the_default(emotionet_root):
     csv_file = emotionet_root / "EmotioNet_FACS_aws_2020_24600.csv"
     assert [t.split(": ")[0] for t in table.skips.first["unreadable label line"]] == [
         f"{csv_file}:5", f"{csv_file}:6"]
+
+
+LISTS_KEYS = ["images/N_0000000001/N_0000000001_00001.jpg", "images/N_0000000002_00001.jpg",
+              "images/more/N_0000000003_00002.png"]
+
+
+def test_emotionet_auto_says_when_it_falls_back_to_the_automatic_lists(emotionet_root, caplog):
+    caplog.set_level(logging.WARNING, logger="fbnet.data")
+    for labels in ("auto", "lists", "manual"):  # with the manual CSV there: no caveat
+        assert not _read(emotionet.read, emotionet_root, labels=labels).skips.noted
+    assert not [r for r in caplog.records if "automatically annotated" in r.getMessage()]
+    (emotionet_root / "EmotioNet_FACS_aws_2020_24600.csv").unlink()
+    table = _read(emotionet.read, emotionet_root)
+    assert [k for k, _, _ in _rows(table)] == LISTS_KEYS
+    assert table.skips.noted == collections.Counter({emotionet.AUTOMATIC: 3})
+    assert emotionet.AUTOMATIC == ("automatically annotated AU labels (labels=auto found no "
+                                   "manual CSV)")
+    assert table.skips.summary().endswith(
+        "; noted: 3 automatically annotated AU labels (labels=auto found no manual CSV)")
+    lists = emotionet_root / "emotioNet_challenge_files_server_challenge_1.2_aws"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "automatically annotated" in r.getMessage()]
+    assert warnings == [
+        f"emotionet[all]: found no manual label CSV (EmotioNet_FACS_aws_2020_24600.csv) under "
+        f"{emotionet_root}, so reading the automatically annotated lists in {lists} (2 files) "
+        f"instead: their AU labels come from EmotioNet's detector, not from FACS coders. Give "
+        f"labels='lists' to read them on purpose, or labels='manual' to require the CSV."]
+    # Chosen on purpose: the same rows, neither warned about nor noted.
+    caplog.clear()
+    chosen = _read(emotionet.read, emotionet_root, labels="lists")
+    assert [k for k, _, _ in _rows(chosen)] == LISTS_KEYS and not chosen.skips.noted
+    assert not [r for r in caplog.records if "automatically annotated" in r.getMessage()]
+
+
+def test_prepare_reports_the_automatic_emotionet_labels(emotionet_root, tmp_path, capsys):
+    from data_pipelines.sources.prepared import open_prepared  # pylint: disable=g-import-not-at-top
+    from data_pipelines.tfds_builders import prepare  # pylint: disable=g-import-not-at-top
+    (emotionet_root / "EmotioNet_FACS_aws_2020_24600.csv").unlink()
+    # Seed 0 puts the three labelled images in train, validation and test, one each.
+    options = ["seed=0", "validation_fraction=0.3", "test_fraction=0.3"]
+    assert prepare.run_command("emotionet", emotionet_root, tmp_path, options, False) == 0
+    noted = "; noted: 1 automatically annotated AU labels (labels=auto found no manual CSV)"
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "  train: 1 record(s) written, 4 skipped (2 unreadable label line; 1 ambiguous image "
+        "file name; 1 duplicated key)" + noted,
+        "  validation: 1 record(s) written, 3 skipped (1 image file not found; 1 no AU label; "
+        "1 unreadable label line)" + noted,
+        "  test: 1 record(s) written, 2 skipped (2 unreadable label line)" + noted]
+    source = open_prepared(tmp_path, "test", dataset="emotionet", seed=0,
+                           validation_fraction=0.3, test_fraction=0.3)
+    assert [source[0]["key"]] == ["images/more/N_0000000003_00002.png"]
+    assert source.skips.noted == collections.Counter({emotionet.AUTOMATIC: 1})
 
 
 def test_emotionet_glob_option_and_images_dir(emotionet_root):

@@ -304,3 +304,13 @@ def test_policy_drops_are_counted_apart_and_never_strict():
     assert skips.summary() == "d[train]: no record skipped; left out by label policy: 2 contempt"
     with pytest.raises(BadRecordError, match=r"^d\[train\]: f.csv:5: bad code \(9\)"):
         skips.skip("bad code", "f.csv:5", "9")
+
+
+def test_notes_count_kept_records_and_end_the_summary():
+    skips = base.Skips("d[train]", strict=True)
+    skips.note("automatic labels")
+    skips.note("automatic labels", 2)
+    skips.drop("contempt", "f.csv:3")
+    assert skips.total == 0 and dict(skips.noted) == {"automatic labels": 3}
+    assert skips.summary() == ("d[train]: no record skipped; left out by label policy: "
+                               "1 contempt; noted: 3 automatic labels")

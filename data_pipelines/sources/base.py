@@ -11,7 +11,8 @@ after that is here:
 * `Skips` counts every record that cannot be used, by reason, logs where it was (file and line),
   and with `strict=True` raises at the first one instead. Nothing is given a guessed label: a
   label that cannot be read exactly drops the record (or that label alone, when a format says
-  so), and the drop is counted.
+  so), and the drop is counted. Records kept with a caveat (labels of a weaker kind than asked
+  for) are counted too, so that every report says so.
 * `read_image` decodes whatever the datasets contain (greyscale, CMYK, RGBA, palette, 16-bit)
   into uint8 RGB, and refuses a truncated or corrupt file instead of returning half an image.
 * `subject_split` assigns whole subjects (or videos) to train / validation / test by a seeded
@@ -73,6 +74,7 @@ class Skips:
         self.counts: collections.Counter[str] = collections.Counter()
         self.first: dict[str, list[str]] = collections.defaultdict(list)
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.noted: collections.Counter[str] = collections.Counter()
 
     def drop(self, reason: str, where: str, detail: str = "") -> None:
         """Counts a row left out by the dataset's label policy (a class outside the 7, a tie of
@@ -82,6 +84,13 @@ class Skips:
         if self.dropped[reason] <= LOGGED_PER_REASON:
             log.info("%s: left out %s: %s%s", self.name, where, reason,
                      f" ({detail})" if detail else "")
+
+    def note(self, reason: str, count: int = 1) -> None:
+        """Counts `count` records that are kept, but whose labels the user must know to be of
+        another kind than asked for (EmotioNet's automatically annotated lists read because no
+        manual file was found). Not a skip; the summary and `fbnet prepare` report it. The
+        source logs the warning itself, once."""
+        self.noted[reason] += count
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
         text = f"{where}: {reason}" + (f" ({detail})" if detail else "")
@@ -98,7 +107,8 @@ class Skips:
 
     def summary(self, named: bool = True) -> str:
         """One line: how many were skipped, for what, and where the first of each was; then
-        the rows left out by label policy, if any. `named`: starting with the source's name."""
+        the rows left out by label policy and the rows kept with a caveat (`note`), if any.
+        `named`: starting with the source's name."""
         if not self.total:
             line = "no record skipped"
         else:
@@ -110,6 +120,9 @@ class Skips:
         if self.dropped:
             line += "; left out by label policy: " + ", ".join(
                 f"{n} {reason}" for reason, n in self.dropped.most_common())
+        if self.noted:
+            line += "; noted: " + ", ".join(
+                f"{n} {reason}" for reason, n in self.noted.most_common())
         return line
 
 

@@ -34,7 +34,10 @@ Options:
   labels: which label files to read. "auto" (default): the 24,600-image CSV if there is one,
     else the tab lists; "manual": the CSV; "lists": every `dataFile_*.txt` of the lists'
     folder; any other text is a glob (relative to `root`, or absolute) of label files in
-    either format.
+    either format. The lists are automatically annotated (EmotioNet's own AU detector, not
+    FACS coders), so when "auto" falls back to them the read logs a warning and counts every
+    row it keeps under `AUTOMATIC` in `source.skips.noted`, which the source's summary and
+    `fbnet prepare`'s report print ("noted: ..."); "lists" chooses them without either.
   images_dir: the folder searched for images, relative to `root` or absolute ("" = `root`).
   validation_fraction, test_fraction, seed: the split (below).
 
@@ -63,13 +66,17 @@ NUM_LIST_AUS = 60
 UNKNOWN = 999
 _QUOTES = "'\" \t"
 _AU_HEADER = re.compile(r"^AU0*(\d+)$", re.IGNORECASE)
+# The `Skips.note` reason of the rows read from the automatically annotated lists because
+# labels="auto" found no manual CSV.
+AUTOMATIC = "automatically annotated AU labels (labels=auto found no manual CSV)"
 
 
-def _label_files(root: Path, labels: str) -> list[Path]:
-    """The label files to read, for the `labels` option."""
+def _label_files(root: Path, labels: str) -> tuple[list[Path], bool]:
+    """The label files to read, for the `labels` option, and whether "auto" fell back to the
+    automatically annotated lists."""
     if labels in ("auto", "manual"):
         try:
-            return [base.find_file(root, MANUAL_NAMES, DATASET, "manual AU label CSV")]
+            return [base.find_file(root, MANUAL_NAMES, DATASET, "manual AU label CSV")], False
         except base.DatasetError:
             if labels == "manual":
                 raise
@@ -77,12 +84,12 @@ def _label_files(root: Path, labels: str) -> list[Path]:
         # After "auto" found no CSV, the message names every file looked for.
         names = LIST_NAMES if labels == "lists" else MANUAL_NAMES + LIST_NAMES
         first = base.find_file(root, names, DATASET, "AU label file")
-        return sorted(first.parent.glob("dataFile_*.txt"))
+        return sorted(first.parent.glob("dataFile_*.txt")), labels == "auto"
     files = sorted(p for p in map(Path, glob.glob(str(root / labels), recursive=True))
                    if p.is_file())
     if not files:
         raise base.DatasetError(f"{DATASET}: no label file matches {root / labels}")
-    return files
+    return files, False
 
 
 def _image_index(folder: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
@@ -176,7 +183,15 @@ def read(root: Path, split: str, table: base.Table, *, labels: str = "auto",
     Raises:
       DatasetError: no label file, a label file in neither format, or no image folder.
     """
-    files = _label_files(root, labels)
+    files, automatic = _label_files(root, labels)
+    if automatic:
+        # The default asked for the manual labels; say loudly that these are not them.
+        base.log.warning(
+            "%s[%s]: found no manual label CSV (%s) under %s, so reading the automatically "
+            "annotated lists in %s (%d files) instead: their AU labels come from EmotioNet's "
+            "detector, not from FACS coders. Give labels='lists' to read them on purpose, or "
+            "labels='manual' to require the CSV.", DATASET, split, MANUAL_NAMES[0], root,
+            files[0].parent if files else root, len(files))
     folder = root / images_dir if images_dir else root
     if not folder.is_dir():
         raise base.DatasetError(f"{DATASET}: image folder {folder} is not a folder")
@@ -204,4 +219,6 @@ def read(root: Path, split: str, table: base.Table, *, labels: str = "auto",
                                  ", ".join(str(p) for p in repeated[name]))
                 continue
             image = index.get(name, folder / name)
-            table.add(image.relative_to(folder).as_posix(), where=where, path=image, au=au)
+            if (table.add(image.relative_to(folder).as_posix(), where=where, path=image, au=au)
+                    and automatic):
+                table.skips.note(AUTOMATIC)

@@ -80,6 +80,7 @@ class PreparedSource:
         self.skips.counts.update(metadata["skipped"][split])
         self.skips.first.update(metadata["first_skipped"][split])
         self.skips.dropped.update(metadata.get("dropped", {}).get(split, {}))
+        self.skips.noted.update(metadata.get("noted", {}).get(split, {}))
         self._length = int(metadata["records"][split])
         if not self._length:
             raise base.DatasetError(f"{dataset}: the preparation in {self.root} has no record in "

@@ -29,8 +29,9 @@ written before the option existed keep their folder.)
 Besides the TFDS files, a preparation holds:
 
   metadata.json       (`info.metadata`) the dataset, its options, the dataset folder read, and
-                      per split the records written, the records skipped per reason, and the
-                      first places skipped for each reason
+                      per split the records written, the records skipped per reason, the
+                      first places skipped for each reason, the records left out by label
+                      policy and the records kept with a caveat (`Skips.note`) per reason
   labels-<split>.npz  every record's labels as columns (expression, au, va, compound, key), for
                       label statistics and class balancing without decoding any image
 
@@ -291,6 +292,7 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata.setdefault("records", {})[split] = written
         metadata.setdefault("skipped", {})[split] = dict(source.skips.counts)
         metadata.setdefault("dropped", {})[split] = dict(source.skips.dropped)
+        metadata.setdefault("noted", {})[split] = dict(source.skips.noted)
         metadata.setdefault("first_skipped", {})[split] = {
             reason: list(places) for reason, places in source.skips.first.items()}
         np.savez(os.fspath(self.data_path / labels_file(split)), expression=expression[:written],

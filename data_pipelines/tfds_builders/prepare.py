@@ -92,7 +92,8 @@ class Summary:
     """What a preparation holds: `written` is whether this call wrote it (else it existed).
 
     `records` is the records written per split, `skipped` the records skipped per split and
-    reason.
+    reason, `dropped` those left out by label policy and `noted` those kept with a caveat
+    (`base.Skips.note`), per split and reason.
     """
     dataset: str
     directory: str
@@ -101,6 +102,7 @@ class Summary:
     records: dict[str, int]
     skipped: dict[str, dict[str, int]]
     dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    noted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The summary as `fbnet prepare` prints it."""
@@ -121,6 +123,10 @@ class Summary:
             if dropped:
                 line += "; left out by label policy: " + ", ".join(
                     f"{n} {reason}" for reason, n in dropped)
+            noted = sorted(self.noted.get(split, {}).items(),
+                           key=lambda item: (-item[1], item[0]))
+            if noted:
+                line += "; noted: " + ", ".join(f"{n} {reason}" for reason, n in noted)
             lines.append(line)
         return lines
 
@@ -180,7 +186,8 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
             f"{source_dir}, not {os.path.abspath(manual_dir)}; give this copy another "
             f"--data_dir (a data_dir holds one preparation per dataset and options)")
     return Summary(dataset, os.fspath(directory), metadata["options"], written,
-                   metadata["records"], metadata["skipped"], metadata.get("dropped", {}))
+                   metadata["records"], metadata["skipped"], metadata.get("dropped", {}),
+                   metadata.get("noted", {}))
 
 
 def run_command(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
