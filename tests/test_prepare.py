@@ -35,19 +35,22 @@ COUNT_LINES = [
 ]
 
 
-def _dataset(folder):
+def _dataset(folder, rows=ROWS, split_column=True):
     """A manifest dataset: PNG, JPEG and greyscale images, one corrupt image (c.png, train),
-    one face box (d.png) and one row with an unknown expression (h.png, test)."""
+    one face box (d.png) and one row with an unknown expression (h.png, test). `rows`: other
+    rows; without `split_column` the manifest's seeded hash splits the images."""
     rng = np.random.default_rng(0)
-    lines = [HEADER]
-    for name, shape, *labels, box in ROWS:
+    header = HEADER if split_column else HEADER.replace(",split", "")
+    lines = [header]
+    for name, shape, *labels, box in rows:
         path = folder / "img" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if shape is None:
             path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
         else:
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
-        lines.append(",".join([f"img/{name}", *labels[:5], "", labels[5], box or ",,,"]))
+        split = [labels[5]] if split_column else []
+        lines.append(",".join([f"img/{name}", *labels[:5], "", *split, box or ",,,"]))
     (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -207,11 +210,16 @@ def test_a_missing_preparation_names_the_folder_and_the_command(prepared):
 
 
 def test_strict_stops_at_the_corrupt_image(tmp_path):
-    manual = _dataset(tmp_path / "manual")
+    manual = _dataset(tmp_path / "manual", [row for row in ROWS if row[0] != "h.png"])
     with pytest.raises(BadRecordError, match=r"c\.png: unreadable image .*strict"):
         _run("manifest", manual, tmp_path / "data", [], True)
     assert not faces.prepared_dir(tmp_path / "data", "manifest", {}).exists()
     assert not any("incomplete" in p.name for p in (tmp_path / "data").rglob("*"))
+    # Every split's labels are read before any image: the bad label (h.png, test) stops first.
+    manual = _dataset(tmp_path / "labels")
+    with pytest.raises(BadRecordError, match=r"manifest.csv:9: unreadable label .*strict"):
+        _run("manifest", manual, tmp_path / "data", [], True)
+    assert not faces.prepared_dir(tmp_path / "data", "manifest", {}).exists()
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -233,3 +241,103 @@ def test_bad_options_are_one_line_errors(tmp_path):
                                  ) == {"images": "original", "seed": 3, "validation_fraction": 0.2}
     for value in ("va", "3", 3, 0.5, True, None, "a b"):
         assert prepare.parse_option_value(prepare.option_text(value)) == value
+
+
+def test_a_split_the_hash_leaves_empty_is_not_written_and_says_why(tmp_path):
+    # Without the split column the seeded hash puts e.jpg in test, the rest in train and no
+    # image in validation (as with a 10-image ExpW or a small CK+ folder).
+    manual = _dataset(tmp_path / "manual", split_column=False)
+    data_dir = tmp_path / "data"
+    status, lines = _run("manifest", manual, data_dir, [], False)
+    assert status == 0
+    directory = faces.prepared_dir(data_dir, "manifest", {})
+    why = ("the split put none of the dataset's 7 prepared record(s) in validation (train 6, "
+           "test 1; split options validation_fraction=0.1, seed=0)")
+    summary = [
+        COUNT_LINES[0],
+        "  train: 6 record(s) written, 2 skipped (1 unreadable image; 1 unreadable label)",
+        f"  validation: 0 record(s) written, 0 skipped; empty: {why}",
+        "  test: 1 record(s) written, 0 skipped",
+        "  validation is empty: a run cannot train or evaluate on it (reading it is an error); "
+        "other split options may fill it"]
+    assert lines[-6:] == [f"manifest: prepared in {directory}", *summary]
+    assert faces.read_metadata(directory)["records"] == {"train": 6, "validation": 0, "test": 1}
+    assert not [p.name for p in directory.iterdir() if "validation" in p.name]
+    for split in ("train", "test"):
+        source = open_prepared(data_dir, split, dataset="manifest")
+        _assert_same_records([source[i] for i in range(len(source))], _expected(manual, split))
+    with pytest.raises(DatasetError) as error:
+        get_source("prepared", data_dir, "validation", dataset="manifest")
+    assert str(error.value) == (
+        f"manifest: split 'validation' of the preparation in {directory} is empty: {why}. A run "
+        f"cannot train or evaluate on it; prepare manifest again with other split options to "
+        f"fill it, or leave this split out")
+    status, lines = _run("manifest", manual, data_dir, [], False)
+    assert status == 0 and lines == [
+        f"manifest: already prepared in {directory}; nothing written", *summary]
+    # Another seed fills validation, and leaves test empty instead.
+    status, lines = _run("manifest", manual, data_dir, ["seed=1"], False)
+    assert status == 0 and lines[-2:] == [
+        "  test: 0 record(s) written, 0 skipped; empty: the split put none of the dataset's 7 "
+        "prepared record(s) in test (train 4, validation 3; split options test_fraction=0.1, "
+        "seed=1)",
+        "  test is empty: a run cannot train or evaluate on it (reading it is an error); other "
+        "split options may fill it"]
+    assert len(open_prepared(data_dir, "validation", dataset="manifest", seed=1)) == 3
+
+
+def test_an_empty_split_whose_rows_were_skipped_says_so(tmp_path):
+    bad = ("x.png", (8, 8, 3), "9", "", "", "", "", "validation", "")
+    rows = [row for row in ROWS if row[7] != "validation"] + [bad]
+    status, lines = _run("manifest", _dataset(tmp_path / "manual", rows), tmp_path / "data",
+                         [], False)
+    assert status == 0
+    assert lines[-3:] == [
+        "  validation: 0 record(s) written, 1 skipped (1 unreadable label); empty: no usable "
+        "record is in validation (the rows read for it were skipped or left out, as counted, or "
+        "the split put none there); the other splits hold 5 (train 3, test 2; split options "
+        "validation_fraction=0.1, seed=0)",
+        COUNT_LINES[3],
+        "  validation is empty: a run cannot train or evaluate on it (reading it is an error); "
+        "other split options may fill it"]
+
+
+def test_a_dataset_with_no_usable_record_or_no_readable_image_is_not_prepared(tmp_path):
+    bad_label = [row for row in ROWS if row[0] == "h.png"]
+    with pytest.raises(DatasetError) as error:
+        _run("manifest", _dataset(tmp_path / "labels", bad_label), tmp_path / "data", [], False)
+    assert str(error.value).startswith(
+        f"manifest: no usable record in any split under {tmp_path / 'labels'} (manifest[train]: "
+        f"no record skipped; manifest[validation]: no record skipped; manifest[test]: skipped 1 "
+        f"record(s): 1 unreadable label (first: ")
+    corrupt = [row for row in ROWS if row[0] in ("c.png", "g.png")]  # train: c.png alone
+    with pytest.raises(DatasetError) as error:
+        _run("manifest", _dataset(tmp_path / "images", corrupt), tmp_path / "data", [], False)
+    assert str(error.value).startswith(
+        "manifest: none of the 1 images of split 'train' could be read (manifest[train]: skipped "
+        f"1 record(s): 1 unreadable image (first: {tmp_path / 'images' / 'img' / 'c.png'})")
+    assert not (tmp_path / "data" / "manifest_faces").exists() or not any(
+        faces.is_prepared(p) for p in (tmp_path / "data" / "manifest_faces").glob("*/*"))
+
+
+def test_empty_reasons_name_the_options_that_split_the_dataset():
+    def reason(split, options, skipped=None):
+        records = {"train": 5, "validation": 2, "test": 1, split: 0}
+        return faces.empty_reason({"records": records, "options": options,
+                                   "skipped": {split: skipped or {}}}, split)
+    assert reason("test", {"fold": 1, "validation_fraction": 0.1, "seed": 0}) == (
+        "the split put none of the dataset's 7 prepared record(s) in test (train 5, "
+        "validation 2; split options fold=1)")
+    assert reason("validation", {"fold": 2, "validation_fraction": 0.1, "test_fraction": 0.1,
+                                 "seed": 3}) == (
+        "the split put none of the dataset's 6 prepared record(s) in validation (train 5, "
+        "test 1; split options fold=2, validation_fraction=0.1, seed=3)")
+    assert reason("test", {"images": "aligned", "validation_fraction": 0.1, "seed": 0}).endswith(
+        "(train 5, validation 2; the dataset's own test set)")
+    assert reason("validation", {"vote": "majority"}).endswith(
+        "(train 5, test 1; the dataset's own split)")
+    assert reason("train", {"validation_fraction": 0.1, "test_fraction": 0.2, "seed": 0},
+                  {"no label": 2}) == (
+        "no usable record is in train (the rows read for it were skipped or left out, as "
+        "counted, or the split put none there); the other splits hold 3 (validation 2, test 1; "
+        "split options validation_fraction=0.1, test_fraction=0.2, seed=0)")

@@ -255,6 +255,11 @@ def test_get_source_rejects_unknown_names_splits_and_options(tmp_path):
     _manifest(tmp_path, ["path", "expression"], [["img/0.jpg", "9"]])
     with pytest.raises(DatasetError, match="no usable record for split 'all'.*1 unreadable label"):
         get_source("manifest", tmp_path, "all")
+    # fbnet prepare asks for the empty split itself, to write the others.
+    empty = get_source("manifest", tmp_path, "all", allow_empty=True)
+    assert len(empty) == 0 and dict(empty.skips.counts) == {"unreadable label": 1}
+    with pytest.raises(ValueError, match="allow_empty applies to dataset folders"):
+        get_source("prepared", tmp_path, "train", dataset="manifest", allow_empty=True)
 
 
 def test_unreadable_images_follow_the_policy(tmp_path):

@@ -78,15 +78,21 @@ def reader_options(name: str) -> dict[str, Any]:
 
 def get_source(name: str, root: str | os.PathLike, split: str, *,
                aus=taxonomy.AUS, source_index: int = 0, strict: bool = False,
-               margin: float = 0.2, unreadable: str = "next", **options) -> FileSource:
+               margin: float = 0.2, unreadable: str = "next", allow_empty: bool = False,
+               **options) -> FileSource:
     """A random-access source of dataset `name`'s `split` read from `root`.
 
+    `allow_empty` (dataset folders only, for `fbnet prepare`): a split with no usable record
+    is returned with 0 records instead of raising.
+
     Raises:
-      DatasetError: an unknown dataset, split or option, or label files that cannot be read
-        (the message names the file and what was expected).
+      DatasetError: an unknown dataset, split or option, label files that cannot be read
+        (the message names the file and what was expected), or no usable record in the split.
       BadRecordError: with `strict`, the first record that cannot be read correctly.
     """
     if name == "prepared":
+        if allow_empty:
+            raise ValueError("allow_empty applies to dataset folders, not to a preparation")
         # Imported here: `prepared` imports this package.
         from data_pipelines.sources import prepared  # pylint: disable=g-import-not-at-top
         return prepared.open_prepared(root, split, aus=aus, source_index=source_index,
@@ -102,7 +108,7 @@ def get_source(name: str, root: str | os.PathLike, split: str, *,
     skips = base.Skips(f"{name}[{split}]", strict=strict)
     table = base.Table(skips)
     read(Path(root), split, table, **options)
-    if not len(table):
+    if not len(table) and not allow_empty:
         raise DatasetError(f"{name}: no usable record for split {split!r} under {root} "
                            f"({skips.summary()})")
     return FileSource(name, root, split, table, aus=aus, source_index=source_index,

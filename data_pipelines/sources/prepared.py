@@ -11,7 +11,8 @@ readable records in its order, with the same images: faces were cropped and alig
 prepared and stored losslessly (with `image_size=N`: resized to N x N as the pipeline resizes,
 stored as raw uint8). Images that
 could not be read were left out when preparing (`source.skips` holds the preparation's counts),
-so reading never meets one. Splits: train, validation and test.
+so reading never meets one. Splits: train, validation and test; one that the preparation left
+empty (no usable record fell in it) raises `DatasetError` saying why.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ class PreparedSource:
         self.skips.noted.update(metadata.get("noted", {}).get(split, {}))
         self._length = int(metadata["records"][split])
         if not self._length:
-            raise base.DatasetError(f"{dataset}: the preparation in {self.root} has no record in "
-                                    f"split {split!r} ({self.skips.summary()})")
+            why = faces.empty_reason(metadata, split)
+            raise base.DatasetError(
+                f"{dataset}: split {split!r} of the preparation in {self.root} is empty: {why}. "
+                f"A run cannot train or evaluate on it; prepare {dataset} again with other "
+                f"split options to fill it, or leave this split out")
         self._examples = None
         self._labels = None
         self._data()

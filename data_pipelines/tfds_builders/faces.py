@@ -13,7 +13,11 @@ so lossless) and its labels, AUs over the 17 of `taxonomy.AUS`. With the option 
 `ResizeImage(N)` would resize it, as raw uint8 pixels: a reader at that training size then does
 no decoding and no resizing (the format for feeding accelerators; larger on disk). An image that cannot be decoded
 is skipped and counted ("unreadable image", with its file), or with `strict` stops the
-preparation.
+preparation. A split with no usable record (a small dataset whose seeded split puts none of its
+subjects in validation, say) is not written: the others are, and its counts in the metadata (0
+records) say why it is empty (`empty_reason`); reading it raises an error saying so. A dataset
+with no usable record in any split is an error, and so is a split whose every image is
+unreadable.
 
 The options of a preparation (the dataset's own options, see `sources.reader_options`,
 `margin` and `image_size`) are its builder config, so a preparation lies in
@@ -32,6 +36,7 @@ Besides the TFDS files, a preparation holds:
                       per split the records written, the records skipped per reason, the
                       first places skipped for each reason, the records left out by label
                       policy and the records kept with a caveat (`Skips.note`) per reason
+                      (a split with 0 records has no record files: it was left empty)
   labels-<split>.npz  every record's labels as columns (expression, au, va, compound, key), for
                       label statistics and class balancing without decoding any image
 
@@ -244,17 +249,47 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager
                           ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
+        """Reads the labels of every split first (so with `strict` a bad label anywhere stops
+        the preparation before any image is decoded): a split with no record gets no generator
+        (TFDS cannot write an empty split), only its counts in the metadata, which say why it
+        is empty, so that a small dataset whose split leaves one empty is still prepared."""
         root = Path(os.fspath(dl_manager.manual_dir))
         self.info.metadata["manual_dir"] = os.path.abspath(root)
-        return {split: self._generate_examples(root, split) for split in SPLITS}
-
-    def _generate_examples(self, root: Path, split: str
-                           ) -> Iterator[tuple[str, dict[str, Any]]]:
         options = dict(self.builder_config.options)
-        margin, size = options.pop("margin"), options.pop("image_size")
+        margin = options.pop("margin")
+        options.pop("image_size")
+        split_sources = {
+            split: sources.get_source(self.DATASET, root, split, unreadable="raise",
+                                      strict=self._strict, margin=margin, allow_empty=True,
+                                      **options)
+            for split in SPLITS}
+        sizes = {split: len(source) for split, source in split_sources.items()}
+        if not any(sizes.values()):
+            raise base.DatasetError(
+                f"{self.DATASET}: no usable record in any split under {root} ("
+                + "; ".join(source.skips.summary() for source in split_sources.values()) + ")")
+        generators = {}
+        for split, source in split_sources.items():
+            if sizes[split]:
+                generators[split] = self._generate_examples(source, split)
+            else:  # its counts say why it is empty (`empty_reason`)
+                self._store_counts(split, source, written=0)
+        return generators
+
+    def _store_counts(self, split: str, source: base.FileSource, written: int) -> None:
+        """The split's records written, skipped, left out and noted, in the metadata."""
+        metadata = self.info.metadata
+        metadata.setdefault("records", {})[split] = written
+        metadata.setdefault("skipped", {})[split] = dict(source.skips.counts)
+        metadata.setdefault("dropped", {})[split] = dict(source.skips.dropped)
+        metadata.setdefault("noted", {})[split] = dict(source.skips.noted)
+        metadata.setdefault("first_skipped", {})[split] = {
+            reason: list(places) for reason, places in source.skips.first.items()}
+
+    def _generate_examples(self, source: base.FileSource, split: str
+                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+        size = self.builder_config.options["image_size"]
         resize = transforms.ResizeImage(size) if size else None
-        source = sources.get_source(self.DATASET, root, split, unreadable="raise",
-                                    strict=self._strict, margin=margin, **options)
         n = len(source)
         expression = np.full(n, -1, np.int32)
         au = np.full((n, base.NUM_AUS), -1, np.int8)
@@ -288,16 +323,45 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "au": record["au"], "va": record["va"], "compound": record["compound"],
                     "key": record["key"], "group": str(source.groups[index])}
         written = len(keys)
-        metadata = self.info.metadata
-        metadata.setdefault("records", {})[split] = written
-        metadata.setdefault("skipped", {})[split] = dict(source.skips.counts)
-        metadata.setdefault("dropped", {})[split] = dict(source.skips.dropped)
-        metadata.setdefault("noted", {})[split] = dict(source.skips.noted)
-        metadata.setdefault("first_skipped", {})[split] = {
-            reason: list(places) for reason, places in source.skips.first.items()}
+        if not written:
+            # TFDS would stop with "No examples were yielded"; say which images instead.
+            raise base.DatasetError(
+                f"{self.DATASET}: none of the {n} images of split {split!r} could be read "
+                f"({source.skips.summary()}); is the dataset complete?")
+        self._store_counts(split, source, written)
         np.savez(os.fspath(self.data_path / labels_file(split)), expression=expression[:written],
                  au=au[:written], va=va[:written], compound=compound[:written],
                  key=np.array(keys, dtype=bytes))
+
+
+def _split_rule(split: str, options: dict[str, Any]) -> str:
+    """The options that decide which records fall in `split`, as `key=value` text."""
+    if options.get("fold") is not None:
+        keys = ("fold",) if split == "test" else ("fold", "validation_fraction", "seed")
+    elif split == "test" and "test_fraction" not in options:
+        return "the dataset's own test set"
+    else:
+        keys = {"train": ("validation_fraction", "test_fraction", "seed"),
+                "validation": ("validation_fraction", "seed"),
+                "test": ("test_fraction", "seed")}[split]
+    present = [f"{key}={json.dumps(options[key])}" for key in keys if key in options]
+    return "split options " + ", ".join(present) if present else "the dataset's own split"
+
+
+def empty_reason(metadata: dict[str, Any], split: str) -> str:
+    """Why `split` of a preparation (its `metadata`) holds no record, for `fbnet prepare`'s
+    summary and the error of reading it: the records the other splits hold, the options that
+    split the dataset, and whether rows read for this split were skipped or left out."""
+    records = metadata["records"]
+    others = [s for s in SPLITS if s != split]
+    held = sum(records[s] for s in others)
+    where = "; ".join([", ".join(f"{s} {records[s]}" for s in others),
+                       _split_rule(split, metadata["options"])])
+    if not (metadata["skipped"].get(split) or metadata.get("dropped", {}).get(split)):
+        return (f"the split put none of the dataset's {held} prepared record(s) in {split} "
+                f"({where})")
+    return (f"no usable record is in {split} (the rows read for it were skipped or left out, as "
+            f"counted, or the split put none there); the other splits hold {held} ({where})")
 
 
 @functools.cache

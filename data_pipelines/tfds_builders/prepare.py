@@ -5,7 +5,9 @@
 reads dataset NAME from DIR (its folder as the publisher ships it) with
 `data_pipelines.sources.get_source`, decodes every image once (so every unreadable one is found
 up front) and writes the splits train, validation and test under --data_dir, in a folder of
-their own for each set of options (see data_pipelines.tfds_builders.faces). Then
+their own for each set of options (see data_pipelines.tfds_builders.faces). A split that no
+usable record falls in (a small dataset's seeded split may leave one empty) is not written; the
+summary says which and why, and reading it raises an error saying so. Then
 `get_source("prepared", DATA_DIR, split, dataset=NAME, **options)` serves the same records.
 
 Options are the dataset's own (`data_pipelines.sources.reader_options`), `margin` and
@@ -93,7 +95,8 @@ class Summary:
 
     `records` is the records written per split, `skipped` the records skipped per split and
     reason, `dropped` those left out by label policy and `noted` those kept with a caveat
-    (`base.Skips.note`), per split and reason.
+    (`base.Skips.note`), per split and reason. A split with 0 records was not written; the
+    summary says why (`faces.empty_reason`).
     """
     dataset: str
     directory: str
@@ -103,6 +106,11 @@ class Summary:
     skipped: dict[str, dict[str, int]]
     dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     noted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def _metadata(self) -> dict[str, Any]:
+        """The counts as a preparation's metadata holds them (for `faces.empty_reason`)."""
+        return {"options": self.options, "records": self.records, "skipped": self.skipped,
+                "dropped": self.dropped}
 
     def lines(self) -> list[str]:
         """The summary as `fbnet prepare` prints it."""
@@ -127,7 +135,16 @@ class Summary:
                            key=lambda item: (-item[1], item[0]))
             if noted:
                 line += "; noted: " + ", ".join(f"{n} {reason}" for reason, n in noted)
+            if not self.records[split]:
+                line += "; empty: " + faces.empty_reason(self._metadata(), split)
             lines.append(line)
+        empty = [split for split in faces.SPLITS if not self.records[split]]
+        if empty:
+            one = len(empty) == 1
+            lines.append(f"  {' and '.join(empty)} {'is' if one else 'are'} empty: a run cannot "
+                         f"train or evaluate on {'it' if one else 'them'} (reading "
+                         f"{'it' if one else 'them'} is an error); other split options may "
+                         f"fill {'it' if one else 'them'}")
         return lines
 
 
