@@ -32,6 +32,7 @@ from pathlib import Path
 
 from data_pipelines import pipeline
 from fbnet_jax import config_files
+from fbnet_jax.models import weights as pretrained
 
 # The paper's family of datasets (docs/paper.md#datasets-and-their-aus), as sources:
 # name -> (dataset kind, mixture weight, dataset options). The paper publishes no mixture
@@ -92,6 +93,10 @@ def get_config(arg: str = ""):
     config.data.eval_batch_size = 256
 
     config.model.backbone = "vgg_face"  # the paper's backbone
+    if sources is not None:
+        # The paper fine-tunes VGG-FACE pretrained on faces; from random weights the recipe is
+        # another experiment, so it is refused unless asked for (init_from=none).
+        config.model.init_from = pretrained.REQUIRED
     config.model.backbones.vgg_face.fc = 4096      # fc6, fc7
     config.model.backbones.vgg_face.dropout = 0.5  # after fc6 and fc7
 

@@ -105,7 +105,7 @@ def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = Fa
         state = jax.eval_shape(init, rng, None)
     else:
         pretrained = None
-        if init_from and config.model.init_from:
+        if init_from and config.model.init_from not in weights.FRESH:
             pretrained = weights.load_init_from(config.model.init_from, model,
                                                 config.data.image_size, config.model.backbone)
             # Placed before the jit so every process passes the same replicated global arrays.

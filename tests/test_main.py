@@ -209,7 +209,8 @@ USER_ERRORS = [
      "WORKDIR/basic/EmoLabel/list_partition_label.txt, "
      "WORKDIR/EmoLabel/list_patition_label.txt, WORKDIR/EmoLabel/list_partition_label.txt "
      "(also one and two folders down)"),
-    (["train", "--config", "paper_vgg:rafdb", "--config.data.sources.rafdb.root=/no/such"],
+    (["train", "--config", "paper_vgg:rafdb", "--config.data.sources.rafdb.root=/no/such",
+      "--config.model.init_from=none"],
      "invalid config: data.sources.rafdb.root: /no/such does not exist"),
     (["eval", "--workdir", "WORKDIR", "--config", "synthetic"],
      "WORKDIR/checkpoints: no checkpoint to evaluate; is WORKDIR the work directory of a run "

@@ -52,6 +52,18 @@ def test_the_real_data_variant_has_the_papers_datasets_and_asks_for_their_roots(
         config_checks.validate(config, num_devices=1)
     assert "data.sources.affectnet.root: empty; give the affectnet dataset's folder with " \
            "--config.data.sources.affectnet.root=/path/to/it" in str(error.value)
+    # The paper fine-tunes pretrained VGG-FACE: without weights it is refused, in one line.
+    (weights_problem,) = [p for p in error.value.problems if p.startswith("model.init_from")]
+    assert weights_problem == (
+        "model.init_from: this config starts the backbone from pretrained weights: convert the "
+        "VGG-Face release (vgg_face_dag.pth) once with `fbnet convert-weights --from "
+        "vgg_face_dag.pth --out vggface.npz` and pass --config.model.init_from=vggface.npz (or "
+        "--config.model.init_from=none to train from random weights on purpose)")
+    config.model.init_from = "none"
+    with pytest.raises(config_checks.ConfigError) as error:
+        config_checks.validate(config, num_devices=1)
+    assert not [p for p in error.value.problems if p.startswith("model.init_from")]
+    assert load_config("paper_vgg.py", "synthetic").model.init_from == ""
 
 
 def test_the_real_data_variant_takes_the_datasets_you_hold(tmp_path):

@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pth", ".pt")
 NUMPY_SUFFIXES = (".npz", ".safetensors")
+# `config.model.init_from` values that are not files: "" (the default) and "none" (said on purpose
+# where a config asks for weights) start from fresh weights; REQUIRED marks a config (the paper's
+# VGG-FACE on real data) that must not silently start from random weights.
+FRESH = ("", "none")
+REQUIRED = "required"
 META_KEY = "__fbnet_jax__"  # the npz entry / safetensors metadata key of the description
 FORMAT = 1
 _SHOWN = 6  # keys named in an error before "and N more"
@@ -546,6 +551,13 @@ def init_from_problem(path: str, backbone: str) -> str | None:
     """
     if not isinstance(path, str):
         return f"must be a file path (a string), got {path!r}"
+    if path in FRESH:
+        return None
+    if path == REQUIRED:
+        return ("this config starts the backbone from pretrained weights: convert the VGG-Face "
+                "release (vgg_face_dag.pth) once with `fbnet convert-weights --from "
+                "vgg_face_dag.pth --out vggface.npz` and pass --config.model.init_from=vggface.npz"
+                " (or --config.model.init_from=none to train from random weights on purpose)")
     backbones_with_weights = sorted({layout.backbone for layout in LAYOUTS.values()})
     if backbone not in backbones_with_weights:
         return (f"{path}: the {backbone} backbone has no pretrained weights to import; use "
