@@ -3,7 +3,7 @@ r"""The ablation regime: scarce expression and AU labels, VA on the rest (benchm
 A world where the couplings have something to do: of the training images, 4% carry AU labels
 (all 17 AUs), 6% an expression label, 2% both, and the other 88% only valence/arousal. The model,
 pipeline and training settings are configs/synthetic.py's (small_cnn), at 48 px and for fewer
-steps (500), so that one run takes under two minutes on 2 CPU cores. Every source's validation
+steps (1000), so that one run takes under a minute on 2 CPU cores. Every source's validation
 and test splits are fully labelled, and all sources draw from one world, so the test metrics
 measure the same tasks for every row of the ablation.
 
@@ -60,12 +60,14 @@ def get_config(arg: str = "matched"):
         config.data.sources = type(config.data.sources)(sources)
         # One final evaluation per run (no periodic one, no compound source here).
         config.evals = type(config.evals)({"test": config.evals.test})
-    config.train.num_steps = 500
+    # The budget at which every single-task row learns (EXPERIMENTS.md, "The budget"): at the
+    # demo's 2e-3, and at 5e-4 with 50 warm-up steps, single-task runs with few labelled examples
+    # per batch (VA only here) could die in their first 50 steps, VA's tanh saturated for every
+    # face; 300 warm-up steps kept 8 of 8 seeds alive. 1000 steps double the old 500.
+    config.train.num_steps = 1000
     config.train.log_every = 100
-    config.train.checkpoint_every = 500
+    config.train.checkpoint_every = 1000
     config.train.best_metric = ""
-    config.optimizer.warmup_steps = 50
-    # At the demo's 2e-3, runs with few labelled examples per batch (single-task expression or
-    # VA here) often died: constant outputs from the first steps on (EXPERIMENTS.md).
+    config.optimizer.warmup_steps = 300
     config.optimizer.learning_rate = 5e-4
     return config
