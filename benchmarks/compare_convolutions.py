@@ -10,7 +10,7 @@ it times the three convolutions a train step runs:
   input is the image: the train step does not compute it either);
 - dW: its filter gradient, likewise;
 
-each jitted alone in JAX, with the project's XLA flags (`import fbnet_jax`), and in PyTorch as
+each jitted alone in JAX, with `fbnet`'s XLA flags (`runtime_defaults.apply()`), and in PyTorch as
 F.conv2d and torch.ops.aten.convolution_backward compute them on channels_last tensors (oneDNN's
 kernels, as compare_pytorch.py's PyTorch step uses them). Each repeat times --calls calls of each
 of the six in turn, so both sides share the machine's load of the moment; the table gives medians
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 import numpy as np
 
+from fbnet_jax import runtime_defaults
 from fbnet_jax import state as state_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
@@ -169,10 +170,11 @@ def main():
     args = parser.parse_args()
     if min(args.repeats, args.calls) < 1 or args.torch_threads < 0:
         parser.error("--repeats and --calls must be >= 1, --torch_threads >= 0")
+    malloc = runtime_defaults.apply()  # the XLA flags, malloc and CPU dispatch of `fbnet`
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
     args.dtype = "float32"
-    compare_pytorch.print_header(args, timing=f"{args.repeats} repeats of {args.calls} calls of "
-                                 "each op, after 2 warm-up calls")
+    compare_pytorch.print_header(args, malloc, timing=f"{args.repeats} repeats of {args.calls} "
+                                 "calls of each op, after 2 warm-up calls")
     print("- ops: ms per call, median of the repeats; dx is not computed for a network's first "
           "convolution (its input is the image)")
     head = ("case", "convolution (input * kernel)", "count", "JAX fwd", "PyTorch fwd", "JAX dx",

@@ -62,8 +62,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-import fbnet_jax
-from fbnet_jax import losses, parallel, train
+from fbnet_jax import losses, parallel, runtime_defaults, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.models import backbones
 
@@ -411,8 +410,9 @@ def matmul_peaks(n: int) -> dict[tuple[str, str], float]:
 # ------------------------------------------------------------------------------------------
 # Output.
 
-def print_header(args, timing: str = ""):
-    """The run's date, machine, versions and settings; `timing` replaces the steps clause."""
+def print_header(args, malloc: dict[str, int], timing: str = ""):
+    """The run's date, machine, versions and settings (`malloc`: what `runtime_defaults.apply`
+    set); `timing` replaces the steps clause."""
     precision = jax.config.jax_default_matmul_precision or "default"
     dispatch = ("asynchronous" if jax.config.read("jax_cpu_enable_async_dispatch")
                 else "synchronous")
@@ -429,7 +429,7 @@ def print_header(args, timing: str = ""):
         f"CPU), torch float32_matmul_precision {torch.get_float32_matmul_precision()}",
         f"settings: torch threads {torch.get_num_threads()}, channels_last, fused AdamW, eager; "
         f"XLA_FLAGS {os.environ.get('XLA_FLAGS') or '(unset)'}; malloc (one process, both "
-        f"sides) {fbnet_jax.MALLOC_APPLIED or 'glibc defaults'}; JAX CPU dispatch {dispatch}; " +
+        f"sides) {malloc or 'glibc defaults'}; JAX CPU dispatch {dispatch}; " +
         (timing or
             f"{args.repeats} repeats of {args.steps} steps per side after {args.warmup} warm-up "
             "steps"),
@@ -472,8 +472,9 @@ def main():
     args = parser.parse_args()
     if min(args.repeats, args.steps) < 1 or min(args.warmup, args.torch_threads) < 0:
         parser.error("--repeats and --steps must be >= 1, --warmup and --torch_threads >= 0")
+    malloc = runtime_defaults.apply()  # the XLA flags, malloc and CPU dispatch of `fbnet`
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
-    print_header(args)
+    print_header(args, malloc)
     peaks = matmul_peaks(args.matmul_size)
     cells = ", ".join(f"{lib} {dt} {gflops:.0f}" for (lib, dt), gflops in peaks.items())
     print(f"- matmul {args.matmul_size}x{args.matmul_size} GFLOP/s: {cells}")

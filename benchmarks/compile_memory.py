@@ -44,7 +44,7 @@ import jaxlib
 import numpy as np
 
 from data_pipelines import schema
-from fbnet_jax import config_files, parallel, train
+from fbnet_jax import config_files, parallel, runtime_defaults, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.models import DTYPES
 
@@ -192,6 +192,7 @@ def main():
     dtypes = train_throughput.names(args.dtypes, DTYPES, "dtypes")
     if args.batch_size < 1 or args.repeats < 1 or args.image_size < 0:
         raise SystemExit("--batch_size and --repeats must be positive, --image_size >= 0")
+    runtime_defaults.apply()  # the XLA flags (they change what XLA compiles) `fbnet` runs with
     # Fresh compilations only: a persistent cache would turn compile time into a cache read.
     jax.config.update("jax_enable_compilation_cache", False)
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)

@@ -46,9 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import fbnet_jax
-
-fbnet_jax.set_jax_defaults()  # the CPU dispatch training runs with
+from fbnet_jax import runtime_defaults
 
 # small_cnn's four layers at 64 px, batch 64 (compare_pytorch.py's case), and three of
 # VGG-FACE's at 96 px, batch 16.
@@ -186,6 +184,7 @@ def main():
     args = parser.parse_args()
     if min(args.repeats, args.calls) < 1:
         parser.error("--repeats and --calls must be >= 1")
+    runtime_defaults.apply()  # the XLA flags, malloc and CPU dispatch training runs with
     shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     arithmetic = ("float32" if args.dtype == "float32" else "bf16 operands; xla in bf16, "
                   "products with float32 results, taps in float32")

@@ -28,6 +28,7 @@ from pathlib import Path
 from absl import flags
 
 from data_pipelines import pipeline
+from fbnet_jax import runtime_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,7 @@ def main():
     parser.add_argument("--render_processes", type=int, default=0,
                         help="processes rendering into --render_cache_dir (0: one per core)")
     args = parser.parse_args()
+    runtime_defaults.apply()  # the malloc settings (and XLA flags) `fbnet train` reads with
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
     config = load_config(args.config)
     print(f"config {args.config}: image {config.data.image_size}px, "

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from data_pipelines import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax import config_files  # noqa: E402  pylint: disable=wrong-import-position
+from fbnet_jax import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def write_dataset(folder: Path, images: int, width: int, height: int) -> None:
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=20_000,
                         help="examples/s of the step to feed (the last column)")
     args = parser.parse_args()
+    runtime_defaults.apply()  # the malloc settings (and XLA flags) `fbnet` reads faces with
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
         flags.FLAGS.mark_as_parsed()
 

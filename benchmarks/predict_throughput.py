@@ -70,7 +70,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from fbnet_jax import checkpointing, config_files, export, parallel
+from fbnet_jax import checkpointing, config_files, export, parallel, runtime_defaults
 from fbnet_jax import state as state_lib
 from fbnet_jax.inference import OUTPUTS, InferenceModel
 from fbnet_jax.predict import Predictor
@@ -382,6 +382,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    runtime_defaults.apply()  # the XLA flags, malloc and CPU dispatch `fbnet predict` runs with
     # Fresh compilations only: a persistent cache would turn start-up into a cache read.
     jax.config.update("jax_enable_compilation_cache", False)
     began, load_start = time.perf_counter(), os.getloadavg()

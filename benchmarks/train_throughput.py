@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fbnet_jax import parallel, train
+from fbnet_jax import parallel, runtime_defaults, train
 from fbnet_jax import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +170,7 @@ def main():
                              "datasheet peak of each row's arithmetic on known devices, "
                              "no MFU elsewhere)")
     args = parser.parse_args()
+    runtime_defaults.apply()  # the XLA flags, malloc and CPU dispatch `fbnet train` runs with
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     device = jax.devices()[0]
     peaks = PEAK_TFLOPS.get(device.device_kind, {})

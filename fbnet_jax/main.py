@@ -62,7 +62,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.sources.base import DatasetError
-from fbnet_jax import config_files, logs
+from fbnet_jax import config_files, logs, runtime_defaults
 from fbnet_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights",
@@ -409,6 +409,8 @@ def run(argv: list[str] | None = None) -> None:
         app.run(lambda _: None, argv=argv[:1] + [a for a in argv[1:] if a in HELP_FLAGS])
     _setup_logging()
     try:
+        # Before anything starts a JAX backend, which reads XLA_FLAGS and fixes the dispatch mode.
+        runtime_defaults.apply()
         command, config = _parse(argv)
         status = main(command, config)
     except (UserError, DatasetError, FloatingPointError, KeyboardInterrupt) as e:

@@ -27,16 +27,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import fbnet_jax
-
 DATA_AXIS = "data"
 MODES = ("jit", "pmap")
 
 log = logging.getLogger(__name__)
-
-# Before any device is used: every path that starts JAX's runtime (the model's state, the
-# multi-process start of `fbnet`) imports this module first.
-fbnet_jax.set_jax_defaults()
 
 
 def detected_cluster() -> str | None:

@@ -30,6 +30,11 @@ def pytest_configure(config):
         _made_cache.append(tempfile.mkdtemp(prefix=COMPILATION_CACHE_PREFIX))
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _made_cache[0]
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(COMPILATION_CACHE_MAX_SIZE)
+    # The tests run under the runtime defaults that `fbnet` sets for itself (XLA flags, malloc,
+    # CPU dispatch), so that what they compute in process is what `fbnet` subprocesses compute.
+    # After the variables above: JAX reads them when it is imported, as apply() may do.
+    from fbnet_jax import runtime_defaults  # pylint: disable=g-import-not-at-top
+    runtime_defaults.apply()
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
