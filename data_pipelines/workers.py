@@ -50,6 +50,7 @@ from typing import Any
 import grain
 
 from data_pipelines import schema
+from fbnet_jax import errors
 
 log = logging.getLogger("fbnet.data")
 
@@ -70,8 +71,11 @@ _GRAIN_DEATH = re.compile(r"Worker process was terminated unexpectedly with exit
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(errors.UserError, RuntimeError):
     """A grain worker process ended while the training iterator was open.
+
+    Not the user's mistake, but the message is what they act on (memory, a record that crashes
+    its decoder): `fbnet` prints it as one line and exits with status 1.
 
     Attributes:
       worker: the worker's index (0..num_workers-1), or None when it died before it started.
@@ -80,6 +84,8 @@ class WorkerDied(RuntimeError):
       readings: the records its read threads had started last (`Reading`s; empty when it had
         not read any).
     """
+
+    exit_code = errors.EXIT_FAILED
 
     def __init__(self, message: str, *, worker: int | None = None, pid: int = 0, how: str = "",
                  readings: tuple[Reading, ...] = ()):

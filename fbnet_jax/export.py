@@ -66,7 +66,7 @@ from flax import traverse_util
 from data_pipelines import schema, synthetic
 from fbnet_jax import checkpointing
 from fbnet_jax import state as state_lib
-from fbnet_jax.errors import UserError
+from fbnet_jax.errors import EXIT_FAILED, UserError
 from fbnet_jax.inference import OFFSET, OUTPUTS, SCALE, InferenceModel
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,15 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 Runner = Callable[[np.ndarray], Mapping[str, Any]]
 
 
-class ParityError(RuntimeError):
-    """An exported artefact does not reproduce the JAX model (a bug, not a user mistake)."""
+class ParityError(UserError, RuntimeError):
+    """An exported artefact does not reproduce the JAX model; nothing is left at the output path.
+
+    A bug (of a converter or of this project), not a user mistake; the message names the output
+    and the difference, all the user can act on (another format or dtype, a report): `fbnet`
+    prints it as one line and exits with status 1.
+    """
+
+    exit_code = EXIT_FAILED
 
 
 @dataclasses.dataclass(frozen=True)

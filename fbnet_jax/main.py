@@ -61,9 +61,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines.sources.base import DatasetError
 from fbnet_jax import config_files, logs, runtime_defaults
-from fbnet_jax.errors import UserError
+from fbnet_jax.errors import EXIT_FAILED, UserError
 
 COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights",
             "compare")
@@ -71,7 +70,7 @@ COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "con
 PLAIN_COMMANDS = ("prepare", "export", "predict", "convert-weights", "compare")
 # Commands whose words after the command are inputs (files, folders, runs).
 INPUT_COMMANDS = ("predict", "compare")
-EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 75, 130
+EXIT_STOPPED, EXIT_INTERRUPTED = 75, 130  # a UserError carries its own (fbnet_jax/errors.py)
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 _WORKDIR = flags.DEFINE_string(
@@ -389,7 +388,7 @@ def main(command: str, config) -> int:
         try:
             train.train_and_evaluate(config, workdir,
                                      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-        except train.TrainingStopped:  # its line is logged already
+        except train.TrainingStopped:  # a stop, not an error: its line is logged already
             return EXIT_STOPPED
     else:
         evaluate.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
@@ -413,21 +412,14 @@ def run(argv: list[str] | None = None) -> None:
         runtime_defaults.apply()
         command, config = _parse(argv)
         status = main(command, config)
-    except (UserError, DatasetError, FloatingPointError, KeyboardInterrupt) as e:
+    except (UserError, FloatingPointError, KeyboardInterrupt) as e:
+        # One line each: a UserError with its exit status (a mistake, or a failure its message
+        # explains); a training that diverged (ours, or JAX's debug_nans) with 1.
         if debug:
             raise
         if isinstance(e, KeyboardInterrupt):
             _fail("interrupted", EXIT_INTERRUPTED)
-        _fail(str(e), EXIT_USAGE if isinstance(e, (UserError, DatasetError)) else EXIT_FAILED)
-    except Exception as e:  # pylint: disable=broad-except
-        # Failures that say what happened in one line, status 1: a grain worker that died
-        # (killed, crashed), naming its record; an export that does not reproduce the model.
-        # (Looked up, not imported: importing them here would slow `fbnet --help`.)
-        known = [getattr(sys.modules.get(module), name, None) for module, name in (
-            ("data_pipelines.workers", "WorkerDied"), ("fbnet_jax.export", "ParityError"))]
-        if debug or not isinstance(e, tuple(k for k in known if k is not None)):
-            raise
-        _fail(str(e), EXIT_FAILED)
+        _fail(str(e), e.exit_code if isinstance(e, UserError) else EXIT_FAILED)
     sys.exit(status)
 
 

@@ -74,8 +74,12 @@ DETECT_MAX_SIDE = 1024
 _EXIF_ORIENTATION = 0x0112
 
 
-class UnreadableFile(ValueError):
-    """A file that cannot be read as an image or a video; the message says which and why."""
+class UnreadableFile(UserError, ValueError):
+    """A file that cannot be read as an image or a video; the message says which and why.
+
+    `read_image` and `read_video` raise it; `fbnet predict` and `Predictor.predict_files` skip
+    the file with a warning and count it.
+    """
 
 
 def training_margin(config: ml_collections.ConfigDict) -> float:

@@ -41,6 +41,7 @@ from PIL import Image
 
 from data_pipelines import schema
 from fbnet_jax import taxonomy
+from fbnet_jax.errors import UserError
 
 log = logging.getLogger("fbnet.data")
 
@@ -51,9 +52,9 @@ _AU_COLUMN = {au: k for k, au in enumerate(taxonomy.AUS)}
 LOGGED_PER_REASON = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or layout cannot be read at all; the message names the file and what was
-    expected. `fbnet` prints it as one line."""
+    expected. `fbnet` prints it as one line (exit status 2)."""
 
 
 class BadRecordError(DatasetError):
