@@ -34,6 +34,15 @@ def test_defaults_are_added_unless_the_flag_is_given():
     assert runtime_defaults._with_xla_defaults(f"--a=1 {UNDO} --b") == f"--a=1 {UNDO} --b"
 
 
+def test_the_defaults_import_nothing_heavy():
+    # `fbnet --help` and a mistake in a flag stay fast although the command imports them first.
+    code = ("import sys, fbnet_jax.runtime_defaults; "
+            "print(sorted({'jax', 'numpy'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=True, env={"PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["[]"]
+
+
 def _ynn_fusions(xla_flags):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if xla_flags is not None:
