@@ -12,7 +12,8 @@ The lifecycle of a run (docs/design.md#runtime):
   checkpoint and raise `TrainingStopped`; a second Ctrl-C quits at once;
   `train.stop_after_steps` ends an invocation the same way;
 - no checkpoint holds a NaN or an infinity (`checkpointing.save` refuses them);
-- every log line is appended to `workdir/train.log`.
+- every log line is appended to `workdir/train.log`, and every logged step and evaluation is a
+  record of `workdir/metrics.jsonl` (fbnet_jax/metrics_log.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import tensorboardX
 from clu import parameter_overview
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, evaluate, evaluators, logs, losses, parallel
-from fbnet_jax import relatedness
+from fbnet_jax import checkpointing, config_checks, evaluate, evaluators, logs, losses, metrics_log
+from fbnet_jax import parallel, relatedness
 from fbnet_jax import metrics as metrics_lib
 from fbnet_jax.errors import ConfigError, UserError
 from fbnet_jax.state import TrainState, create_state
@@ -174,11 +175,16 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _write_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
+def _write_scalars(writer, records: metrics_log.Writer | None, kind: str, step: int,
+                   scalars: Mapping[str, float]) -> None:
+    """Scalars into TensorBoard (`writer`) and as a record of `kind` into metrics.jsonl (each
+    None where it is not written: on processes other than 0, TensorBoard in a finished run)."""
     if writer is not None:
         for name, value in scalars.items():
             writer.add_scalar(name, value, step)
         writer.flush()
+    if records is not None:
+        records.write(kind, step, scalars)
 
 
 
@@ -277,8 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                        allow_config_change: bool = False) -> dict[str, float]:
     """Trains, evaluates periodically and at the end, and returns the final test metrics.
 
-    Leaves in `workdir`: `config.json`, `train.log`, `checkpoints/` (orbax), `tensorboard/`
-    (event files) and `metrics.json` (flat, the metrics of the final evaluators of `config.evals`).
+    Leaves in `workdir`: `config.json`, `train.log`, `metrics.jsonl` (fbnet_jax/metrics_log.py),
+    `checkpoints/` (orbax), `tensorboard/` (event files) and `metrics.json` (flat, the metrics of
+    the final evaluators of `config.evals`).
     A work directory with checkpoints is continued from its latest one; a finished run is not
     trained again (its final metrics are returned, or computed if they are missing).
 
@@ -313,8 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             log.warning("%s", warning)
         for note in notes:
             log.info("%s", note)
-        with StopSignals(log_file) as stop:
-            outcome = _run(config, workdir, latest, stop)
+        with (metrics_log.Writer(workdir, latest) if is_main else contextlib.nullcontext()
+              ) as records, StopSignals(log_file) as stop:
+            outcome = _run(config, workdir, latest, stop, records)
         if isinstance(outcome, TrainingStopped):
             log.info("%s", outcome)
     if isinstance(outcome, TrainingStopped):
@@ -400,7 +408,8 @@ class Profiler:
             self.traced = None
 
 
-def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
+def _run(config, workdir: Path, latest: int | None, stop: StopSignals,
+         records: metrics_log.Writer | None):
     """Builds everything, restores, trains, evaluates; returns metrics or a TrainingStopped."""
     is_main = jax.process_index() == 0
     mesh = parallel.create_mesh()
@@ -419,7 +428,8 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
         best_metric=train_cfg.best_metric or None, best_mode=train_cfg.best_mode)
     try:
         if latest is not None and latest == train_cfg.num_steps:
-            return _finished_run(config, workdir, mesh, model, state, manager, latest, stop)
+            return _finished_run(config, workdir, mesh, model, state, manager, latest, stop,
+                                 records)
         coupling = coupling_for(config)
         if coupling is not None:
             log.info("coupling losses on (%s), relatedness: %s", ", ".join(
@@ -451,7 +461,7 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
             profiler = Profiler(workdir / PROFILE_DIR, config.train.get("profile_steps", 0))
             try:
                 return _train_loop(config, workdir, mesh, model, state, train_step, schedule,
-                                   manager, data_iterator, writer, stop, profiler)
+                                   manager, data_iterator, writer, records, stop, profiler)
             finally:
                 profiler.close()
         finally:
@@ -463,7 +473,7 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals):
         manager.close()
 
 
-def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
+def _finished_run(config, workdir, mesh, model, state, manager, step, stop, records):
     """A restart of a run whose training is complete: its final metrics, computed if missing."""
     saved = Path(workdir) / "metrics.json"
     if saved.exists():
@@ -478,10 +488,11 @@ def _finished_run(config, workdir, mesh, model, state, manager, step, stop):
     log.info("the run finished training (step %d) but has no final evaluation: evaluating now",
              step)
     state, _ = checkpointing.restore(manager, checkpointing.abstract_like(state), step=step)
-    return _final_evaluation(config, workdir, mesh, model, state, step, None, stop)
+    return _final_evaluation(config, workdir, mesh, model, state, step, None, records, stop)
 
 
-def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, predict_fns=None):
+def _final_evaluation(config, workdir, mesh, model, state, step, writer, records, stop,
+                      predict_fns=None):
     """The final evaluators (`final=True`) into metrics.json and the report."""
     final_evaluators = [e for e in evaluators.from_config(config) if e.final]
     try:
@@ -491,7 +502,7 @@ def _final_evaluation(config, workdir, mesh, model, state, step, writer, stop, p
     except evaluate.Interrupted:
         return TrainingStopped(step, config.train.num_steps, stop.reason, workdir, trained=True)
     final["step"] = float(step)
-    _write_scalars(writer, step, final)
+    _write_scalars(writer, records, "final", step, final)
     if final_evaluators:
         log.info("final evaluation (step %d: %s):\n%s", step,
                  ", ".join(e.name for e in final_evaluators),
@@ -536,7 +547,7 @@ def _check_nonfinite(interval: metrics_lib.StepMeans, policy: str, limit: int, f
 
 
 def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manager, data_iterator,
-                writer, stop: StopSignals, profiler: "Profiler"):
+                writer, records, stop: StopSignals, profiler: "Profiler"):
     """The loop of `train_and_evaluate`: final metrics, or a TrainingStopped to raise."""
     train_cfg = config.train
     num_steps = train_cfg.num_steps
@@ -580,7 +591,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         scalars["steps_per_second"] = steps_per_second
         scalars["examples_per_second"] = steps_per_second * batch_size
         scalars["skipped_steps"] = float(interval.skipped)
-        _write_scalars(writer, step, scalars)
+        _write_scalars(writer, records, "train", step, scalars)
         eta = (num_steps - step) / steps_per_second if steps_per_second else float("nan")
         log.info("step %*d/%d (%3.0f%%) | %.2f steps/s %.0f ex/s | ETA %s | loss %.4f | %s | lr %.2e",
                  len(str(num_steps)), step, num_steps, 100 * step / num_steps, steps_per_second,
@@ -640,7 +651,7 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
             except evaluate.Interrupted:
                 log.info("evaluation at step %d abandoned", step)
             else:
-                _write_scalars(writer, step, eval_metrics)
+                _write_scalars(writer, records, "eval", step, eval_metrics)
                 for line in evaluate.format_summaries(eval_metrics, due):
                     log.info("%s", line)
                 best = train_cfg.best_metric
@@ -667,4 +678,4 @@ def _train_loop(config, workdir, mesh, model, state, train_step, schedule, manag
         manager.wait_until_finished()
         return TrainingStopped(step, num_steps, "train.stop_after_steps", workdir)
     return _final_evaluation(config, workdir, mesh, model, train_step.global_state(state), step,
-                             writer, stop, predict_fns)
+                             writer, records, stop, predict_fns)

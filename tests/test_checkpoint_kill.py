@@ -6,8 +6,9 @@ checkpoints at steps 2, 4 and 6 and SIGKILLs itself inside the save of step 4, a
 the save itself reaches, so there is no timer and no race: just before the rename that commits the
 step (every item written), or while the `config` item is being written. The run must then still
 be at step 2, and a restart must clean the half-written step away, say that it resumed from step
-2, and end with exactly the numbers of a run that was never interrupted. The restart uses the same
-config, or (second case) another checkpoint cadence, which a restart may change.
+2, and end with exactly the numbers of a run that was never interrupted, in metrics.json and in
+the records of metrics.jsonl. The restart uses the same config, or (second case) another
+checkpoint cadence, which a restart may change.
 """
 
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from fbnet_jax import checkpointing, parallel, train
+from fbnet_jax import checkpointing, metrics_log, parallel, train
 from fbnet_jax import state as state_lib
 
 # Checkpoints at 2, 4 and 6; dropout makes the restored rng matter too.
@@ -98,13 +99,13 @@ def _latest_params(workdir, config):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Final metrics and parameters of the same run, never interrupted."""
+    """Final metrics, parameters and records of the same run, never interrupted."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     config = _config()
     metrics = train.train_and_evaluate(config, workdir)
     params, step = _latest_params(workdir, config)
     assert step == OVERRIDES["train.num_steps"]
-    return metrics, params
+    return metrics, params, metrics_log.read(workdir)[0]
 
 
 def _kill_inside_save(workdir, where: str) -> str:
@@ -117,6 +118,13 @@ def _kill_inside_save(workdir, where: str) -> str:
         f"the child was not killed (status {child.returncode}); stdout {child.stdout!r}; "
         f"stderr:\n{child.stderr[-4000:]}")
     return child.stdout
+
+
+def _untimed(records) -> dict:
+    """{(kind, step): values} of the records but "start", without the rates (timing varies)."""
+    return {(r.kind, r.step): {k: v for k, v in r.values.items()
+                               if k not in ("steps_per_second", "examples_per_second")}
+            for r in records if r.kind != "start"}
 
 
 def _last_invocation(log_text: str) -> str:
@@ -145,6 +153,11 @@ def test_a_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
         assert {"state", "config"} <= {p.name for p in started[0].iterdir()}
     assert checkpointing.saved_steps(workdir) == [2]
     assert not (workdir / "metrics.json").exists()
+    # Every record written before the kill is there: step 4's (logged before its save), and
+    # step 6's when the loop got there before the save's background thread reached the kill.
+    killed = [(r.kind, r.step) for r in metrics_log.read(workdir)[0]]
+    assert killed[:3] == [("start", 0), ("train", 2), ("train", 4)]
+    assert killed[3:] in ([], [("train", 6)])
 
     config = _config()
     config.train.checkpoint_every = restart_every
@@ -155,8 +168,22 @@ def test_a_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
     # The restart's last two saves (train.max_checkpoints_to_keep = 2): 4 and 6, or 3 and 6.
     assert checkpointing.saved_steps(workdir) == [6 - restart_every, 6]
 
-    expected_metrics, expected_params = uninterrupted
+    expected_metrics, expected_params, expected_records = uninterrupted
     assert metrics == expected_metrics  # the resume is bit-identical, so no tolerance
+    # The killed invocation's records after step 2 are gone from the file; the restart's replace
+    # them: a logged step every 2 steps and at each of its checkpoints.
+    lines = (workdir / metrics_log.FILE).read_text().splitlines()
+    records = [metrics_log.Record.from_line(line) for line in lines]
+    assert [(r.kind, r.step) for r in records] == [
+        ("start", 0), ("train", 2), ("start", 2),
+        *(("train", s) for s in range(3, 7) if s % 2 == 0 or s % restart_every == 0),
+        ("final", 6)]
+    assert metrics_log.read(workdir)[0] == records
+    # Means over the same steps are the same numbers (all but the rates): every record at the
+    # same checkpoint cadence; at another, step 2's and the final evaluation.
+    got, expected = _untimed(records), _untimed(expected_records)
+    same = expected if restart_every == 2 else [("train", 2), ("final", 6)]
+    assert {key: got[key] for key in same} == {key: expected[key] for key in same}
     params, step = _latest_params(workdir, config)
     assert step == OVERRIDES["train.num_steps"]
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
