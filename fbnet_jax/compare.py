@@ -3,7 +3,9 @@
 Each run's metrics come from its `metrics.json` (its final evaluators' metrics) or, when it has
 none or it lacks the split asked for, from its latest `eval/{split}_step{N}.json` (written by
 `fbnet eval`; files of evaluators chosen by name, `{names}@{split}_step{N}.json`, are partial and
-not read). Rows are metrics, columns runs; the best value of each row is marked
+not read), or else from the latest evaluation of the split in its records (`metrics.jsonl`,
+fbnet_jax/metrics_log.py): a run stopped before its final evaluation is compared on its latest
+periodic one. Rows are metrics, columns runs; the best value of each row is marked
 (every metric compared is higher-is-better) and each run after the first shows its difference
 from the first. A metric a run did not measure (nothing labelled for it) is '-', never 0.
 """
@@ -18,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fbnet_jax import report
+from fbnet_jax import logs, metrics_log, report
 from fbnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -141,18 +143,39 @@ def _eval_files(workdir: Path, split: str | None) -> list[tuple[int, str, Path]]
     return found
 
 
+def _recorded(workdir: Path, split: str | None, name: str) -> RunMetrics | None:
+    """The latest evaluation (periodic or final) of `split` (any, when None) in the run's
+    records; None when they hold none.
+
+    Raises:
+      UserError: that evaluation holds several splits and no `split` was given.
+    """
+    records, path = metrics_log.read(workdir)
+    rounds = [r for r in records if r.kind in ("eval", "final")
+              and (split is None or split in _splits(r.values))]
+    if not rounds:
+        return None
+    latest = rounds[-1]  # of one step, the final evaluation comes after the periodic one
+    splits = _splits(latest.values)
+    if split is None and len(splits) > 1:
+        raise UserError(f"{path}: the evaluation of step {latest.step} holds the splits "
+                        f"{', '.join(splits)}; choose one with --split")
+    return RunMetrics(name, workdir, path, split or splits[0], latest.step, latest.values)
+
+
 def load_run(run_dir: str | Path, split: str | None = None, name: str | None = None
              ) -> RunMetrics:
     """The metrics of the run in `run_dir` on `split` (default: the split of its metrics.json).
 
     Raises:
       UserError: not a directory or not a run's, no metrics (of `split`), an unreadable or
-        malformed metrics file, or a metrics.json of several splits and no `split` given.
+        malformed metrics file, or metrics of several splits and no `split` given.
     """
     workdir = Path(run_dir)
     if not workdir.is_dir():
         raise UserError(f"{workdir}: no such directory")
-    markers = (METRICS_FILE, "eval", "config.json", "checkpoints", "train.log")
+    markers = (METRICS_FILE, metrics_log.FILE, "eval", "config.json", "checkpoints",
+               logs.LOG_FILE)
     if not any((workdir / marker).exists() for marker in markers):
         raise UserError(f"{workdir} is not a run's work directory (it has none of "
                         f"{', '.join(markers)})")
@@ -169,11 +192,15 @@ def load_run(run_dir: str | Path, split: str | None = None, name: str | None = N
                               None if step is None else int(step), results)
     evaluated = _eval_files(workdir, split)
     if not evaluated:
+        recorded = _recorded(workdir, split, name or workdir.name)
+        if recorded is not None:
+            return recorded
         what = f"metrics of split {split!r}" if split else "metrics"
         raise UserError(f"{workdir} has no {what}: no {METRICS_FILE}"
-                        f"{f' of that split' if split and metrics_file.is_file() else ''} and no "
-                        f"eval/{split or '<split>'}_step<N>.json; evaluate the run with `fbnet "
-                        f"eval --workdir {workdir}{f' --split {split}' if split else ''}`")
+                        f"{f' of that split' if split and metrics_file.is_file() else ''}, no "
+                        f"eval/{split or '<split>'}_step<N>.json and no evaluation in "
+                        f"{metrics_log.FILE}; evaluate the run with `fbnet eval --workdir "
+                        f"{workdir}{f' --split {split}' if split else ''}`")
     step = max(s for s, _, _ in evaluated)
     latest = [(s, found_split, path) for s, found_split, path in evaluated if s == step]
     if len(latest) > 1:

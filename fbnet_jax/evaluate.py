@@ -243,8 +243,8 @@ def format_summary(results: dict[str, float], split: str) -> str:
 
 def format_summaries(results: dict[str, float], round_evaluators) -> list[str]:
     """One line per evaluator of a periodic evaluation: the headline metrics of a tasks
-    evaluator (`format_summary`, which the report reads back from train.log), the UAR of each
-    source of a compound one."""
+    evaluator (`format_summary`), the UAR of each source of a compound one. (The records of runs
+    from before metrics.jsonl are read back from these lines: fbnet_jax/metrics_log.py.)"""
     lines = []
     for e in round_evaluators:
         if e.kind == "tasks":

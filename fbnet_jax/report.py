@@ -19,11 +19,10 @@ Results with the zero- and few-shot compound metrics of fbnet_jax/compound.py ge
 section, with their tables and a plot of UAR against k (fbnet_jax/report_compound.py); other
 results get no trace of it.
 
-The training curves come from the run's `train.log`, not from its TensorBoard event files: every
-run has that one text file, in a format this package writes (fbnet_jax/train.py), and it reads
-with no dependency, whereas the event files need the `tensorboard` package (a test extra) or a
-record decoder of our own. The log rounds losses and metrics to 4 decimals and the learning rate
-to 3 significant digits, plenty for a plot.
+The training curves come from the run's records, `metrics.jsonl` (fbnet_jax/metrics_log.py), not
+from its TensorBoard event files, which need the `tensorboard` package (a test extra) or a record
+decoder of our own, nor from `train.log`, which is for people (a run from before metrics.jsonl
+is read from it, once per report, by metrics_log).
 
 The files are reproducible: matplotlib's default style (whatever the user's matplotlibrc says),
 fixed figure sizes and dpi, and no "Software" entry in the PNG metadata (PNGs carry no time
@@ -40,7 +39,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fbnet_jax import logs, metrics, taxonomy
+from fbnet_jax import logs, metrics, metrics_log, taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,8 @@ FIGURE_SIZES = {
 VA_BINS = 20  # per axis of the predicted-vs-true histograms over [-1, 1]
 
 # The headline metrics of a subset (all higher-is-better): (key suffix, label). The columns of
-# the console table and summary line of fbnet_jax/evaluate.py (which the training curves read
-# back from train.log), of the per-source plot and of fbnet_jax/compare.py.
+# the console table and summary line of fbnet_jax/evaluate.py, of the per-source plot, of the
+# training curves' evaluation panel and of fbnet_jax/compare.py.
 HEADLINE_METRICS = (
     ("expression_accuracy", "expr acc"), ("expression_macro_f1", "expr F1"),
     ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
@@ -94,16 +93,6 @@ TASK_TABLES = (
                                           ("uar", "UAR"), ("macro_f1", "macro F1"))),
 )
 TASK_PREFIXES = ("expression_", "au_", "va_", "compound_")
-
-# Lines of train.log (fbnet_jax/logs.py: "<date> <time> <message>").
-_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (?P<message>.*)$")
-# The progress line of fbnet_jax/train.py; the loss terms are "name value" pairs.
-_PROGRESS = re.compile(r"^step\s+(?P<step>\d+)/\d+ .*\| loss (?P<loss>\S+) \|(?P<terms>[^|]*)"
-                       r"\| lr (?P<lr>\S+)$")
-_NUMBER = r"-?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf)"
-_PAIR = re.compile(rf"^(?P<name>[A-Za-z][\w ]*?) (?P<value>{_NUMBER})$")
-# The one-line evaluation summary (evaluate.format_summary): "<split>: <header> <value>, ...".
-_SUMMARY = re.compile(r"^(?P<split>[\w.-]+): (?P<pairs>.+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,45 +218,29 @@ def all_metrics_table(results: Mapping[str, Any]) -> Table:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training curves from train.log.
+# Training curves from the run's records.
 
 
-def read_train_log(path: str | Path) -> dict[str, dict[int, float]]:
-    """The curves of a run's `train.log`: {series: {step: value}}, steps ascending.
+def training_curves(records: Sequence[metrics_log.Record]) -> dict[str, dict[int, float]]:
+    """The curves of a run's records (`metrics_log.read`): {series: {step: value}}, steps
+    ascending.
 
-    Series: "loss/total" and "loss/<term>" and "learning_rate" from the progress lines, and
-    "<split>/<metric key>" (e.g. "validation/expression_accuracy") from the evaluation summary
-    lines, each at the step of the progress line before it (the loop logs the step it evaluates
-    first). A restarted run logs again the steps after its last checkpoint; the later line wins,
-    as the later run is the one that continued.
+    Series: "loss/total", "loss/<term>" and "learning_rate" from the logged steps, and
+    "<split>/<metric key>" (e.g. "validation/expression_accuracy") of the headline metrics of
+    each whole split from the periodic evaluations.
     """
-    key_of = {header: key for key, header in HEADLINE_METRICS}
+    headline = {key for key, _ in HEADLINE_METRICS}
     curves: dict[str, dict[int, float]] = {}
-    step = None
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        match = _LOG_LINE.match(line)
-        if not match:
+    for record in records:
+        if record.kind == "train":
+            names = [n for n in record.values if n.startswith("loss/") or n == "learning_rate"]
+        elif record.kind == "eval":
+            names = [n for n in record.values
+                     if n.count("/") == 1 and n.split("/")[1] in headline]
+        else:
             continue
-        message = match["message"]
-        progress = _PROGRESS.match(message)
-        if progress:
-            step = int(progress["step"])
-            values = {"loss/total": progress["loss"], "learning_rate": progress["lr"]}
-            terms = progress["terms"].split()
-            if len(terms) % 2:
-                continue  # not a line this package wrote
-            values.update({f"loss/{name}": value for name, value in zip(terms[::2], terms[1::2])})
-            for name, value in values.items():
-                curves.setdefault(name, {})[step] = float(value)
-            continue
-        summary = _SUMMARY.match(message)
-        if summary and step is not None:
-            pairs = [_PAIR.match(p) for p in summary["pairs"].split(", ")]
-            if all(pairs):
-                for pair in pairs:
-                    key = key_of.get(pair["name"], pair["name"])
-                    curves.setdefault(f"{summary['split']}/{key}", {})[step] = float(
-                        pair["value"])
+        for name in names:
+            curves.setdefault(name, {})[record.step] = record.values[name]
     return {name: dict(sorted(points.items())) for name, points in curves.items()}
 
 
@@ -445,14 +418,15 @@ def _training_plot(workdir) -> Plot:
     title = "Training curves"
     if workdir is None:
         return Plot("training_curves", title, None, "no run directory was given")
-    path = Path(workdir) / logs.LOG_FILE
-    if not path.is_file():
-        return Plot("training_curves", title, None, f"{path} does not exist")
-    curves = read_train_log(path)
+    records, path = metrics_log.read(workdir)
+    if path is None:
+        return Plot("training_curves", title, None,
+                    f"{workdir} has no {metrics_log.FILE} (nor a {logs.LOG_FILE})")
+    curves = training_curves(records)
     losses = sorted(name for name in curves if name.startswith("loss/"))
     if not losses:
         return Plot("training_curves", title, None,
-                    f"{path} has no progress line (a run shorter than train.log_every?)")
+                    f"{path} has no logged step (a run shorter than train.log_every?)")
     evaluations = sorted(name for name in curves if not name.startswith("loss/")
                          and name != "learning_rate")
     panels = ["losses", "learning_rate"] + (["evaluations"] if evaluations else [])
@@ -479,7 +453,7 @@ def _training_plot(workdir) -> Plot:
     axes[panels[-1]].set_xlabel("step")
     axes[panels[-1]].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes["losses"].set_title("training")
-    note = f"From {path}." + ("" if evaluations else " No periodic evaluation in the log.")
+    note = f"From {path}." + ("" if evaluations else " No periodic evaluation in the run.")
     return Plot("training_curves", title, _png(figure), note)
 
 
@@ -603,7 +577,7 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
         removed without it.
       arrays: (outputs, labels) of the split as `evaluate.predict` returns them; needed for the
         confusion matrix (unless the results carry one) and the VA histograms.
-      workdir: the run's directory, for the training curves of its train.log.
+      workdir: the run's directory, for the training curves of its records (metrics.jsonl).
       title: the page title (default: "Evaluation on <split>").
 
     Returns:

@@ -7,14 +7,15 @@ import io
 import json
 import logging
 import re
+import shutil
 
 import numpy as np
 import pytest
 from conftest import load_config
 from PIL import Image
 
-from fbnet_jax import checkpointing, compare, evaluate, parallel, report, report_compound
-from fbnet_jax import taxonomy, train
+from fbnet_jax import checkpointing, compare, evaluate, metrics_log, parallel, report
+from fbnet_jax import report_compound, taxonomy, train
 from fbnet_jax import state as state_lib
 from fbnet_jax.errors import UserError
 
@@ -82,6 +83,7 @@ COMPOUND_VALIDATION = {
 TRAIN_LOG = """\
 2026-01-01 10:00:00 work directory: /runs/x
 2026-01-01 10:00:01 devices: 1 x cpu over 1 process(es)
+2026-01-01 10:00:02 no checkpoint in /runs/x: starting at step 0
 2026-01-01 10:00:05 step  50/200 ( 25%) | 5.00 steps/s 320 ex/s | ETA 0m30s | loss 3.5000 | \
 au 0.7000 expression 1.9000 va 0.9000 | lr 1.00e-03
 2026-01-01 10:00:06 validation: expr acc 0.2500, expr F1 0.1250, AU F1 0.3000, AU acc 0.7000, \
@@ -90,6 +92,8 @@ CCC V 0.1000, CCC A -0.0500, CCC mean 0.0250
 (train.nonfinite = 'skip')
 2026-01-01 10:00:10 step 100/200 ( 50%) | 5.00 steps/s 320 ex/s | ETA 0m20s | loss 3.0000 | \
 au 0.6000 expression 1.6000 va 0.8000 | lr 8.00e-04
+2026-01-01 10:00:15 step 150/200 ( 75%) | 5.00 steps/s 320 ex/s | ETA 0m10s | loss 2.8000 | \
+au 0.6000 expression 1.4000 va 0.8000 | lr 5.00e-04
 2026-01-01 11:00:00 work directory: /runs/x
 2026-01-01 11:00:01 resumed from the checkpoint of step 50
 2026-01-01 11:00:10 step 100/200 ( 50%) | 4.00 steps/s 256 ex/s | ETA 0m25s | loss 2.9000 | \
@@ -226,7 +230,7 @@ def test_plots_without_data_are_left_out_with_a_reason(tmp_path):
         assert _section(markdown, heading).strip() == f"_Not drawn: {why}._"
         assert f"<em>Not drawn: {why}.</em>" in html_path.read_text()
     # Without predictions: no confusion matrix (nor its counts) and no VA plot; a run without
-    # train.log.
+    # records.
     assert (out / report.CONFUSION_FILE).is_file()
     md_path, html_path = report.write_report(results, "test", out, workdir=tmp_path)
     _check_pngs(out, [], html_path)
@@ -234,7 +238,7 @@ def test_plots_without_data_are_left_out_with_a_reason(tmp_path):
     markdown = md_path.read_text()
     assert _section(markdown, "Expression confusion matrix").strip() == (
         "_Not drawn: it needs the predictions of the split, which were not given._")
-    assert f"_Not drawn: {tmp_path / 'train.log'} does not exist._" in markdown
+    assert f"_Not drawn: {tmp_path} has no metrics.jsonl (nor a train.log)._" in markdown
 
 
 def test_confusion_counts_use_the_labelled_real_rows(tmp_path):
@@ -369,8 +373,22 @@ def test_report_needs_metrics_of_the_split(tmp_path):
         report.write_report(RESULTS, "validation", tmp_path)
 
 
-def test_training_curves_from_train_log(tmp_path):
-    assert report.read_train_log(_workdir(tmp_path) / "train.log") == TRAIN_CURVES
+def test_training_curves_from_a_train_log_of_a_run_before_metrics_jsonl(tmp_path, caplog):
+    run = _workdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+        records, path = metrics_log.read(run)
+    assert path == run / "train.log"
+    assert f"{run} has no metrics.jsonl (a run from before it): reading its records from " \
+           f"{path}" in caplog.text
+    # The first invocation's records of steps 100 and 150 are dropped: the restart from step 50
+    # did those steps again.
+    assert [(r.kind, r.step) for r in records] == [
+        ("start", 0), ("train", 50), ("eval", 50), ("start", 50), ("train", 100),
+        ("eval", 100), ("train", 200)]
+    assert records[1].values == {
+        "loss/total": 3.5, "loss/au": 0.7, "loss/expression": 1.9, "loss/va": 0.9,
+        "learning_rate": 1e-3, "steps_per_second": 5.0, "examples_per_second": 320.0}
+    assert report.training_curves(records) == TRAIN_CURVES
 
 
 # --- Comparison of runs -------------------------------------------------------------------------
@@ -459,6 +477,16 @@ def test_compare_errors(tmp_path):
         compare.compare([test_only, other])
     with pytest.raises(UserError, match="give the work directories"):
         compare.compare([])
+    # A final evaluation of two splits in the records (no metrics.json): one must be chosen.
+    recorded = _run_dir(tmp_path / "recorded")
+    with metrics_log.Writer(recorded, None) as writer:
+        writer.write("final", 4, {"step": 4.0, "test/expression_accuracy": 0.5,
+                                  "validation/expression_accuracy": 0.25})
+    with pytest.raises(UserError, match=r"recorded/metrics.jsonl: the evaluation of step 4 "
+                                        r"holds the splits test, validation; choose one"):
+        compare.load_run(recorded)
+    assert compare.load_run(recorded, "validation").results["validation/expression_accuracy"] \
+        == 0.25
     with pytest.raises(UserError, match="cannot write"):
         compare.run_command([test_only], out=test_only / "metrics.json" / "compare.md")
 
@@ -468,7 +496,8 @@ def test_compare_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Two 2-step tiny runs (seeds 0 and 1), evaluated at the end only."""
+    """Two 2-step tiny runs (seeds 0 and 1), evaluated on validation after step 1 and on test at
+    the end."""
     root = tmp_path_factory.mktemp("runs")
     runs = []
     for seed in (0, 1):
@@ -476,7 +505,7 @@ def tiny_runs(tmp_path_factory):
         config.seed = seed
         config.train.num_steps = 2
         config.train.log_every = 1
-        config.evals.validation.every = 0
+        config.evals.validation.every = 1
         config.train.best_metric = ""
         train.train_and_evaluate(config, root / f"seed{seed}")
         runs.append(root / f"seed{seed}")
@@ -517,12 +546,75 @@ def test_report_of_a_tiny_run(tiny_runs, tmp_path):
     paths = report.report_for_evaluation(results, "test", tmp_path / "report", outputs, labels,
                                          workdir)
     _check_pngs(tmp_path / "report", list(PNG_SIZES), paths[1])
-    # The curves of the run's own train.log: a progress line per step (log_every 1).
-    curves = report.read_train_log(workdir / "train.log")
+    # The curves of the run's records: a logged step per step (log_every 1), the validation
+    # after step 1.
+    curves = report.training_curves(metrics_log.read(workdir)[0])
     assert set(curves) == {"loss/total", "loss/au", "loss/expression", "loss/va",
-                           "learning_rate"}
-    assert all(list(points) == [1, 2] for points in curves.values())
+                           "learning_rate", *(f"validation/{key}" for key, _ in
+                                              report.HEADLINE_METRICS)}
+    assert all(list(points) == ([1] if name.startswith("validation/") else [1, 2])
+               for name, points in curves.items())
     # A report that cannot be written does not fail the evaluation.
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the report folder would go")
     assert report.report_for_evaluation(results, "test", blocked, outputs, labels) is None
+
+
+def _tiny_report(workdir, out):
+    """The report of a tiny run's final metrics (no predictions), Markdown text."""
+    results = json.loads((workdir / "metrics.json").read_text())
+    md_path, _ = report.write_report(results, "test", out, workdir=workdir)
+    return md_path.read_text()
+
+
+def test_report_and_compare_read_the_records_not_train_log(tiny_runs, tmp_path):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "run")
+    (run / "train.log").unlink()
+    markdown = _tiny_report(run, tmp_path / "report")
+    assert _section(markdown, "Training curves").strip().splitlines() == [
+        "![Training curves](training_curves.png)", "", f"From {run / 'metrics.jsonl'}."]
+    records, _ = metrics_log.read(run)
+    [periodic] = [r for r in records if r.kind == "eval"]
+    [final] = [r for r in records if r.kind == "final"]
+    # Without metrics.json, compare takes the run's latest evaluation of the split from its
+    # records: the final one, or the periodic one on validation.
+    (run / "metrics.json").unlink()
+    loaded = compare.load_run(run)
+    assert (loaded.file, loaded.split, loaded.step) == (run / "metrics.jsonl", "test", 2)
+    assert loaded.results == final.values
+    loaded = compare.load_run(run, "validation")
+    assert (loaded.split, loaded.step, loaded.results) == ("validation", 1, periodic.values)
+    assert compare.compare([run], "validation").rows[0] == (
+        "expression_accuracy", (periodic.values["validation/expression_accuracy"],))
+
+
+def test_a_run_without_metrics_jsonl_reports_from_its_train_log(tiny_runs, tmp_path, caplog):
+    run = shutil.copytree(tiny_runs[0], tmp_path / "old")
+    (run / "metrics.jsonl").unlink()
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+        old = _tiny_report(run, tmp_path / "old_report")
+    assert "has no metrics.jsonl (a run from before it): reading its records from" in caplog.text
+    new = _tiny_report(tiny_runs[0], tmp_path / "report")
+    # The same report, but where the curves were read from.
+    assert old.replace(str(run / "train.log"), "RECORDS") == new.replace(
+        str(tiny_runs[0] / "metrics.jsonl"), "RECORDS")
+    # The same records, as train.log printed them; the log has no final evaluation.
+    records, _ = metrics_log.read(tiny_runs[0])
+    migrated, _ = metrics_log.read(run)
+    records = [r for r in records if r.kind != "final"]
+    assert [(r.kind, r.step) for r in migrated] == [(r.kind, r.step) for r in records]
+    precision = {"learning_rate": 1e-3, "steps_per_second": 1e-2, "examples_per_second": 1.0}
+    for old_record, record in zip(migrated, records):
+        assert set(old_record.values) <= set(record.values)
+        for name, value in old_record.values.items():
+            assert value == pytest.approx(record.values[name], rel=precision.get(name, 0),
+                                          abs=0 if name in precision else 5e-5), name
+    assert report.training_curves(migrated).keys() == report.training_curves(records).keys()
+    # Continuing such a run writes its train.log's records into metrics.jsonl once.
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+        with metrics_log.Writer(run, 1):
+            pass
+    assert f"{run / 'metrics.jsonl'}: 3 records of the invocations before this one read from " \
+           f"{run / 'train.log'}" in caplog.text
+    assert [(r.kind, r.step) for r in metrics_log.read(run)[0]] == [
+        ("start", 0), ("train", 1), ("eval", 1), ("start", 1)]
