@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -307,6 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir = Path(workdir)
     warnings = config_checks.validate(config)
     notes, latest = _check_workdir(config, workdir, allow_config_change)
+    if jax.process_count() > 1:
+        # Every process reads the work directory before process 0 writes to it. A process that
+        # looked after process 0 had created checkpoints/ would open a checkpoint manager, with
+        # its collective syncs, that the others do not open: their collectives would pair up
+        # wrongly (seen as an orbax sync name mismatch under load).
+        multihost_utils.sync_global_devices("fbnet_jax:work_directory_read")
     is_main = jax.process_index() == 0
     if is_main:
         try:
