@@ -1,12 +1,26 @@
 r"""The paper's experiment: FaceBehaviorNet with VGG-FACE, all five loss terms (docs/paper.md).
 
 Kollias, Sharmanska, Zafeiriou, "Face Behavior à la carte" (arXiv 1910.11111), as far as the paper
-and its context fix it: the VGG-FACE backbone (13 conv + 2 fc of 4096, dropout 0.5) on 112x112
-face crops with pixels scaled to [-1, 1]; the expression, AU and VA losses plus co-annotation and
-distribution matching, all at weight 1, with Du et al.'s relatedness table; every training batch
-mixing examples of every task (each example is drawn from the weighted mixture of sources). The
-paper does not publish its optimizer settings; the choice below (Adam, 1e-4, batch 256, as in the
-authors' earlier VGG-FACE work on Aff-Wild) is ours.
+and its context fix it, and our choices where they do not.
+
+The paper's (docs/paper.md marks each as recalled or checked):
+  - the VGG-FACE backbone (13 conv + 2 fc of 4096, dropout 0.5), pretrained on faces and
+    fine-tuned: the real-data variants refuse to start without `model.init_from` (the converted
+    VGG-Face weights, README "Start from pretrained weights"); `--config.model.init_from=none`
+    trains from random weights on purpose;
+  - 112x112 face crops, pixels scaled to [-1, 1];
+  - the expression, AU and VA losses plus co-annotation and distribution matching, all at
+    weight 1, with Du et al.'s relatedness table;
+  - every training batch mixing examples of every task (each example is drawn from the weighted
+    mixture of sources).
+Ours:
+  - the form of the coupling terms where the paper gives none: distribution matching as KL
+    divergences with a naive-Bayes expression side, and co-annotation's AU targets
+    (docs/design.md#coupling-losses); the settings below are the ablation's
+    (EXPERIMENTS.md);
+  - the optimizer (Adam, 1e-4, constant after 500 warm-up steps, batch 256, as in the authors'
+    earlier VGG-FACE work on Aff-Wild; the paper publishes none), the number of steps;
+  - the mixture weights of the datasets (DATASETS below).
 
 Variants (`--config configs/paper_vgg.py:VARIANT`):
   ""           the paper's datasets (DATASETS below), each read from the folder its publisher
