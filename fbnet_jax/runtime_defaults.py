@@ -19,8 +19,9 @@ from fbnet_jax.errors import UserError
 # backend starts (the first computation), so they apply when `apply()` runs before that.
 XLA_DEFAULTS = (
     # CPU: XLA's own (Eigen) convolutions instead of YNNPACK's, which ran the small_cnn and
-    # vgg_face train steps 1.1-1.2x slower on the 2-core AVX512 machine (BENCHMARKS.md, "XLA
-    # CPU flags"). YNNPACK keeps its other fusions (its reductions help). Undo with
+    # vgg_face train steps 1.1-1.2x slower on the 2-core AVX512 machine (see
+    # docs/benchmarks-history.md#where-the-steps-time-goes-and-ynnpacks-convolutions-2026-11-29-kept-as-the-default).
+    # YNNPACK keeps its other fusions (its reductions help). Undo with
     # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution.
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 )
@@ -32,8 +33,9 @@ XLA_DEFAULTS = (
 # malloc's mmap off and its trim threshold high, a freed block stays in the heap for the next
 # step. A thread's heap holds at most 64 MB before glibc falls back to mmap anyway, so
 # single-device CPU programs also run on the calling thread (synchronous dispatch, set by
-# `apply`), whose heap has no such bound. BENCHMARKS.md, "Page faults": the small_cnn step
-# 1.2-1.35x, VGG-FACE's 1.1x. Each default yields to the user's own setting: a default of
+# `apply`), whose heap has no such bound. The small_cnn step 1.2-1.35x, VGG-FACE's 1.1x:
+# docs/benchmarks-history.md#page-faults-every-steps-memory-mapped-afresh-2026-11-29-kept-as-the-default.
+# Each default yields to the user's own setting: a default of
 # MALLOC_DEFAULTS is skipped when glibc's own variable for it (MALLOC_TRIM_THRESHOLD_,
 # MALLOC_MMAP_MAX_, or the GLIBC_TUNABLES glibc.malloc.trim_threshold / mmap_max) is set, and
 # FBNET_JAX_CPU_ASYNC_DISPATCH=1 keeps JAX's asynchronous dispatch.
