@@ -54,8 +54,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fbnet_jax import (  # noqa: E402  pylint: disable=wrong-import-position
-    config_files, report, train)
+from fbnet_jax.core import config_files
+from fbnet_jax.eval import report
+from fbnet_jax.train import loop as train
 
 CONFIG = "configs/ablation.py"
 # (metrics.json key, column, task); every metric is higher-is-better.
@@ -144,7 +145,7 @@ def _fbnet(*args: str, log: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as stream:
-        result = subprocess.run([sys.executable, "-m", "fbnet_jax.main", *args], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "fbnet_jax", *args], cwd=REPO,
                                 env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
     if result.returncode:
         raise SystemExit(f"fbnet {' '.join(args)} failed with status {result.returncode}; "

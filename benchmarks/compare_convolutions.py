@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 import numpy as np
 
-from fbnet_jax import runtime_defaults
-from fbnet_jax import state as state_lib
+from fbnet_jax.core import runtime_defaults
+from fbnet_jax.runtime import state as state_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import compare_pytorch  # noqa: E402  pylint: disable=wrong-import-position

@@ -1,7 +1,7 @@
 """Train-step throughput of FaceBehaviorNet in JAX and of the same model in PyTorch, side by side.
 
 One process builds each case twice: the project's jitted train step
-(fbnet_jax.train.make_train_step, timed as benchmarks/train_throughput.py does) and an eager
+(fbnet_jax.train.loop.make_train_step, timed as benchmarks/train_throughput.py does) and an eager
 PyTorch step of the same network, losses and optimizer. Every repeat times --steps JAX steps,
 then --steps PyTorch steps, each on its own preallocated copy of one random batch, so both sides
 share the machine's load of the moment. The table gives medians over the repeats; JAX/PyTorch is
@@ -12,11 +12,11 @@ the median of the repeats' ratios of examples/s, with their range.
   python benchmarks/compare_pytorch.py --dtype bfloat16
 
 Matched, so that the ratio compares the frameworks and not two models:
-- architectures: fbnet_jax/models/backbones.py layer by layer (paddings, pools, BatchNorm eps
+- architectures: fbnet_jax/model/backbones.py layer by layer (paddings, pools, BatchNorm eps
   1e-5 and momentum, the (H, W, C) flatten order, dropout rates of configs/synthetic.py) and the
-  float32 heads of fbnet_jax/models/facebehaviornet.py. The script stops unless both sides have
+  float32 heads of fbnet_jax/model/facebehaviornet.py. The script stops unless both sides have
   the same number of trainable parameters;
-- losses: fbnet_jax/losses.py's masked expression CE, per-image normalised AU BCE and
+- losses: fbnet_jax/model/losses.py's masked expression CE, per-image normalised AU BCE and
   1 - mean CCC with the config's weights (coupling terms off, as by default);
 - optimizer: AdamW as optax.adamw (b1 = optimizer.momentum, b2 0.999, eps 1e-8, decoupled weight
   decay on every parameter), its warm-up + cosine learning rate, global-norm gradient clipping.
@@ -62,9 +62,12 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from fbnet_jax import losses, parallel, runtime_defaults, train
-from fbnet_jax import state as state_lib
-from fbnet_jax.models import backbones
+from fbnet_jax.model import losses
+from fbnet_jax.runtime import parallel
+from fbnet_jax.core import runtime_defaults
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.model import backbones
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_throughput.py
 import train_throughput  # noqa: E402  pylint: disable=wrong-import-position
@@ -213,7 +216,7 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-# Losses and optimizer in PyTorch (fbnet_jax/losses.py, fbnet_jax/state.py).
+# Losses and optimizer in PyTorch (fbnet_jax/model/losses.py, fbnet_jax/runtime/state.py).
 
 def expression_loss(logits, labels, mask):
     labels = torch.where(mask > 0, labels, 0)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbnet_jax import runtime_defaults
+from fbnet_jax.core import runtime_defaults
 
 # small_cnn's four layers at 64 px, batch 64 (compare_pytorch.py's case), and three of
 # VGG-FACE's at 96 px, batch 16.

@@ -34,7 +34,7 @@ echo "== end to end: fbnet train, small_cnn, batch 256, 600 steps, ${WORKERS} wo
 workdir="$(mktemp -d)"
 trap 'rm -rf "$workdir"' EXIT
 start=$(date +%s)
-timeout 150 "$PY" -m fbnet_jax.main train --workdir "$workdir/run" \
+timeout 150 "$PY" -m fbnet_jax train --workdir "$workdir/run" \
     --config.data.num_workers="$WORKERS" --config.data.global_batch_size=256 \
     --config.train.num_steps=600 --config.train.log_every=100 \
     --config.data.render_cache_dir="$workdir/faces" \

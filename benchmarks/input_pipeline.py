@@ -28,7 +28,7 @@ from pathlib import Path
 from absl import flags
 
 from data_pipelines import pipeline
-from fbnet_jax import runtime_defaults
+from fbnet_jax.core import runtime_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 

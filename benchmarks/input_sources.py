@@ -53,8 +53,8 @@ sys.path.insert(0, str(REPO))
 
 from data_pipelines import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
-from fbnet_jax import config_files  # noqa: E402  pylint: disable=wrong-import-position
-from fbnet_jax import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
+from fbnet_jax.core import config_files  # noqa: E402  pylint: disable=wrong-import-position
+from fbnet_jax.core import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def write_dataset(folder: Path, images: int, width: int, height: int) -> None:

@@ -2,7 +2,7 @@
 
 For each backbone, builds the inference network (`InferenceModel`) from a freshly initialised
 state (random weights cost the same as trained ones), exports it with
-`fbnet_jax.export.export(model, "onnx", path)` (which checks the artefact against JAX), and
+`fbnet_jax.serve.export.export(model, "onnx", path)` (which checks the artefact against JAX), and
 measures, side by side in one process and on the same inputs (synthetic faces at the model's
 size, `export.parity_faces`, preprocessed by `InferenceModel.preprocess`):
 
@@ -10,7 +10,7 @@ size, `export.parity_faces`, preprocessed by `InferenceModel.preprocess`):
              `Predictor` does), on the float32 model input; results fetched to numpy.
   ORT        `onnxruntime.InferenceSession` of the exported file, CPUExecutionProvider, default
              session options (ORT's own intra-op thread count), on the same float32 array.
-  Predictor  `fbnet_jax.predict.Predictor.predict` on the uint8 faces those inputs were made
+  Predictor  `fbnet_jax.serve.predict.Predictor.predict` on the uint8 faces those inputs were made
              from: the JAX network plus the input pipeline's resize (a pass-through at the
              model's size), scaling, padding to the batch size and softmax/sigmoid.
 
@@ -29,7 +29,7 @@ JAX's variables are already in memory; restoring them from a checkpoint is timed
 
 End to end: whole processes, wall seconds, medians (range) over `--predict_repeats` rounds after
 one untimed warm-up run, the processes of a round taken in turn:
-  imports alone     `python -c "import fbnet_jax.main, fbnet_jax.predict"` (jax, flax, orbax,
+  imports alone     `python -c "import fbnet_jax.cli.main, fbnet_jax.serve.predict"` (jax, flax, orbax,
                     OpenCV, grain): the part of the start-up that is not the network's;
   1 image           `fbnet predict --no-detect` on a folder of 1 synthetic face crop (PNG, the
                     model's size), with a checkpoint of the fresh state written by
@@ -70,10 +70,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from fbnet_jax import checkpointing, config_files, export, parallel, runtime_defaults
-from fbnet_jax import state as state_lib
-from fbnet_jax.inference import OUTPUTS, InferenceModel
-from fbnet_jax.predict import Predictor
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.core import config_files, runtime_defaults
+from fbnet_jax.serve import export
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.serve.inference import OUTPUTS, InferenceModel
+from fbnet_jax.serve.predict import Predictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling train_throughput.py
 import train_throughput  # noqa: E402  pylint: disable=wrong-import-position
@@ -259,7 +261,7 @@ def save_checkpoint(workdir: Path, state, config) -> None:
 
 # What `fbnet predict` imports before it does anything (jax, flax, orbax, OpenCV, grain), as a
 # process of its own: the part of its start-up that is not the network's.
-IMPORTS_COMMAND = [sys.executable, "-c", "import fbnet_jax.main, fbnet_jax.predict"]
+IMPORTS_COMMAND = [sys.executable, "-c", "import fbnet_jax.cli.main, fbnet_jax.serve.predict"]
 
 
 def run_predict(command: list[str]) -> float:

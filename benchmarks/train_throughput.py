@@ -1,6 +1,6 @@
 """Train-step throughput of FaceBehaviorNet, on whatever devices JAX sees.
 
-Times the real jitted train step (fbnet_jax.train.make_train_step, all three task losses) on a
+Times the real jitted train step (fbnet_jax.train.loop.make_train_step, all three task losses) on a
 device-resident batch, so the numbers are the model's, not the input pipeline's (see
 benchmarks/input_pipeline.py for that). Prints one table row per case:
 
@@ -31,8 +31,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fbnet_jax import parallel, runtime_defaults, train
-from fbnet_jax import state as state_lib
+from fbnet_jax.runtime import parallel
+from fbnet_jax.core import runtime_defaults
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
 

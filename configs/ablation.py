@@ -18,7 +18,7 @@ The couplings are off here; benchmarks/ablation.py switches them per row, e.g.
 import copy
 from pathlib import Path
 
-from fbnet_jax import config_files
+from fbnet_jax.core import config_files
 
 SYNTHETIC = Path(__file__).with_name("synthetic.py")
 VARIANTS = ("matched", "mismatched")

@@ -45,8 +45,8 @@ once; every unreadable image found up front).
 from pathlib import Path
 
 from data_pipelines import pipeline
-from fbnet_jax import config_files
-from fbnet_jax.models import weights as pretrained
+from fbnet_jax.core import config_files
+from fbnet_jax.model import weights as pretrained
 
 # The paper's family of datasets (docs/paper.md#datasets-and-their-aus), as sources:
 # name -> (dataset kind, mixture weight, dataset options). The paper publishes no mixture

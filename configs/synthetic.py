@@ -15,7 +15,8 @@ import os
 
 import ml_collections
 
-from fbnet_jax import evaluators, taxonomy
+from fbnet_jax.eval import evaluators
+from fbnet_jax.core import taxonomy
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -154,7 +155,7 @@ def get_config(arg: str = ""):
                                 # a restart restores its checkpoint instead): a file written by
                                 # `fbnet convert-weights`, or a PyTorch vgg_face_torch,
                                 # torchvision_vgg16 or torchvision_resnet50 state_dict
-                                # (fbnet_jax/models/weights.py); "" = random init
+                                # (fbnet_jax/model/weights.py); "" = random init
         backbones=ConfigDict(dict(   # settings of each backbone; only the chosen one is used
             small_cnn=ConfigDict(dict(
                 widths=(8, 16) if tiny else (16, 32, 64, 128),  # channels per conv stage
@@ -223,7 +224,7 @@ def get_config(arg: str = ""):
                                          # metric of a periodic evaluator ("" = none)
         best_mode="max",                 # max | min
     ))
-    # The evaluations (fbnet_jax/evaluators.py; fields described there): what is measured on
+    # The evaluations (fbnet_jax/eval/evaluators.py; fields described there): what is measured on
     # which split and sources, and when. Sources () = the sources trained on (weight > 0).
     config.evals = ConfigDict(dict(
         # Every 500 steps: the task metrics of the validation splits (and the best checkpoint

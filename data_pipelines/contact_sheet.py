@@ -19,7 +19,7 @@ examples of `pipeline.build_eval_batches` (every source in turn, padding rows sk
   python -m data_pipelines.contact_sheet --config configs/synthetic.py[:VARIANT] --out fed.png
       [--split train|validation|test] [--n 48] [--seed S]
 
-`--config` takes what `fbnet train --config` takes (fbnet_jax/config_files.py), so a shipped
+`--config` takes what `fbnet train --config` takes (fbnet_jax/core/config_files.py), so a shipped
 config is found by name (`synthetic:tiny`) from any directory.
 """
 
@@ -35,8 +35,8 @@ import numpy as np
 
 from data_pipelines import pipeline, schema
 from data_pipelines import synthetic
-from fbnet_jax import config_files, taxonomy
-from fbnet_jax.errors import UserError
+from fbnet_jax.core import config_files, taxonomy
+from fbnet_jax.core.errors import UserError
 
 __all__ = ["SPLITS", "draw", "first_examples", "main", "tile_caption", "to_display"]
 

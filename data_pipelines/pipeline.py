@@ -36,7 +36,7 @@ from data_pipelines import schema
 from data_pipelines import sources as datasets
 from data_pipelines import transforms
 from data_pipelines import workers
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 # The source kinds `build_source` knows: generated faces, every dataset format of
 # data_pipelines.sources (config entries made by `dataset_source`), and the copies that

@@ -60,7 +60,7 @@ import numpy as np
 from data_pipelines import schema
 from data_pipelines import synthetic
 from data_pipelines import synthetic_render
-from fbnet_jax.errors import UserError
+from fbnet_jax.core.errors import UserError
 
 log = logging.getLogger("fbnet.data")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 IMAGE = "image"
 EXPRESSION = "expression"

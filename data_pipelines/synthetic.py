@@ -33,7 +33,7 @@ from data_pipelines.synthetic_render import (
     draw_look,
     paint,
 )
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 __all__ = [
     "CIRCUMPLEX",

@@ -50,7 +50,7 @@ from typing import Any
 import grain
 
 from data_pipelines import schema
-from fbnet_jax import errors
+from fbnet_jax.core import errors
 
 log = logging.getLogger("fbnet.data")
 

@@ -33,7 +33,7 @@ def pytest_configure(config):
     # The tests run under the runtime defaults that `fbnet` sets for itself (XLA flags, malloc,
     # CPU dispatch), so that what they compute in process is what `fbnet` subprocesses compute.
     # After the variables above: JAX reads them when it is imported, as apply() may do.
-    from fbnet_jax import runtime_defaults  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.core import runtime_defaults  # pylint: disable=g-import-not-at-top
     runtime_defaults.apply()
 
 
@@ -80,7 +80,7 @@ def first_batch(config):
 def train_tiny_run(path, num_steps: int = 2):
     """A finished tiny run of `num_steps` in `path` (checkpoint at the end, no periodic
     evaluation); returns `path`."""
-    from fbnet_jax import train  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     config = load_config("synthetic.py", "tiny")
     config.train.num_steps = num_steps
     config.train.checkpoint_every = num_steps

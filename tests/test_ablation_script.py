@@ -272,7 +272,7 @@ def test_source_version_says_when_tracked_files_changed(monkeypatch):
                ("status", "--porcelain", "--untracked-files=no"): ""}
     monkeypatch.setattr(ablation, "_git", lambda *args: answers[args])
     assert ablation.source_version() == "abc1234"
-    answers[("status", "--porcelain", "--untracked-files=no")] = " M fbnet_jax/losses.py"
+    answers[("status", "--porcelain", "--untracked-files=no")] = " M fbnet_jax/model/losses.py"
     assert ablation.source_version() == "abc1234 + uncommitted changes"
     monkeypatch.setattr(ablation, "_git", lambda *args: None)
     assert ablation.source_version() == "unknown (not a git checkout)"

@@ -1,7 +1,7 @@
 """A run killed inside a checkpoint save keeps the checkpoint before it, and resumes from it.
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every
-item is written (fbnet_jax/checkpointing.py). A child process trains the tiny config with
+item is written (fbnet_jax/runtime/checkpointing.py). A child process trains the tiny config with
 checkpoints at steps 2, 4 and 6 and SIGKILLs itself inside the save of step 4, at a point that
 the save itself reaches, so there is no timer and no race: just before the rename that commits the
 step (every item written), or while the `config` item is being written. The run must then still
@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from fbnet_jax import checkpointing, metrics_log, parallel, train
-from fbnet_jax import state as state_lib
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.eval import metrics_log
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
 
 # Checkpoints at 2, 4 and 6; dropout makes the restored rng matter too.
 OVERRIDES = {"train.num_steps": 6, "train.checkpoint_every": 2, "evals.validation.every": 0,
@@ -41,7 +43,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from orbax.checkpoint._src.path import atomicity
 sys.path.insert(0, "tests")
 from conftest import load_config
-from fbnet_jax import train
+from fbnet_jax.train import loop as train
 
 workdir, overrides, step, where = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 

@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fbnet_jax import checkpointing
-from fbnet_jax.errors import UserError
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.core.errors import UserError
 
 
 def _config():

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import load_benchmark, load_config
-from fbnet_jax import losses, parallel, train
-from fbnet_jax import state as state_lib
+from fbnet_jax.model import losses
+from fbnet_jax.runtime import parallel
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
 
 torch = pytest.importorskip("torch")
 

@@ -1,4 +1,4 @@
-"""Zero- and few-shot compound expressions (fbnet_jax/compound.py)."""
+"""Zero- and few-shot compound expressions (fbnet_jax/eval/compound.py)."""
 
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from fbnet_jax import compound, taxonomy
+from fbnet_jax.eval import compound
+from fbnet_jax.core import taxonomy
 
 CLASSES = np.arange(compound.NUM_CLASSES)
 

@@ -5,8 +5,10 @@ import pytest
 
 from conftest import load_config
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, metrics
-from fbnet_jax.errors import ConfigError
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.eval import metrics
+from fbnet_jax.core.errors import ConfigError
 
 
 def test_the_shipped_configs_are_valid(tiny_config):

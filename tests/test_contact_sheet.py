@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, load_config
 
 from data_pipelines import contact_sheet, pipeline, schema, transforms
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 TINY = "configs/synthetic.py:tiny"
 # Tiny config: 32 px images, shown 4x (128 px) in 160 px wide tiles with 6 lines of 11 px text,

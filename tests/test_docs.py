@@ -11,7 +11,7 @@ not ignored) and checks:
   - every `docs/<name>.md#<anchor>` citation, markdown link and in-page `(#anchor)` link names a
     heading that exists; the style "docs/<name>.md, section X" is not used.
 It also checks that the relatedness tables and RAF-DB class order in docs/paper.md are the data
-of fbnet_jax/taxonomy.py.
+of fbnet_jax/core/taxonomy.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve().relative_to(REPO).as_posix()  # holds the patterns themselves
@@ -194,7 +194,7 @@ def test_the_checker_flags_planted_references(tmp_path):
         "# fbnet_jax/no_such_module.py\n"
         "# docs/design.md#no-such-heading\n"
         "# docs/design.md, section Losses\n"
-        "# fine: docs/design.md#losses, configs/synthetic.py:tiny, fbnet_jax/models/__init__.py\n",
+        "# fine: docs/design.md#losses, configs/synthetic.py:tiny, fbnet_jax/model/__init__.py\n",
         encoding="utf-8")
     (tmp_path / "planted.md").write_text(
         "# Title\n[ok](#title) [bad](#nothing) [gone](docs/none.md) [ok](docs/paper.md#losses)\n"

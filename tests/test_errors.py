@@ -11,16 +11,17 @@ import pytest
 from conftest import REPO
 from data_pipelines import workers
 from data_pipelines.sources.base import BadRecordError, DatasetError
-from fbnet_jax import export, main
-from fbnet_jax.errors import ConfigError, UserError
+from fbnet_jax.serve import export
+from fbnet_jax.cli import main
+from fbnet_jax.core.errors import ConfigError, UserError
 
 # The exception classes of fbnet_jax and data_pipelines that are not UserErrors, and why.
 INTERNAL = {
-    "fbnet_jax.train.TrainingStopped":
+    "fbnet_jax.train.loop.TrainingStopped":
         "not an error but the stop the user asked for (a signal, train.stop_after_steps): "
         "train_and_evaluate logs its line (into train.log too) and fbnet exits 75 without an "
         "error line",
-    "fbnet_jax.evaluate.Interrupted":
+    "fbnet_jax.eval.evaluate.Interrupted":
         "control flow: a stop request abandons an evaluation, and the training loop catches it",
     "data_pipelines.sources.affwild2._Skip":
         "control flow inside the Aff-Wild2 label parser: a row it counts as skipped",
@@ -43,16 +44,16 @@ def _exception_classes() -> dict[str, type]:
 
 def test_every_user_facing_error_is_a_user_error():
     classes = _exception_classes()
-    assert {"fbnet_jax.errors.ConfigError", "data_pipelines.sources.base.DatasetError",
+    assert {"fbnet_jax.core.errors.ConfigError", "data_pipelines.sources.base.DatasetError",
             "data_pipelines.workers.WorkerDied"} <= set(classes)
     others = {name for name, cls in classes.items() if not issubclass(cls, UserError)}
     assert others == set(INTERNAL), (
-        "an exception class that is not a UserError: derive it from fbnet_jax.errors.UserError "
+        "an exception class that is not a UserError: derive it from fbnet_jax.core.errors.UserError "
         "if its message is for the user, or list it in INTERNAL with the reason")
 
 
 def test_the_errors_import_without_jax():
-    code = "import sys, fbnet_jax.errors; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
+    code = "import sys, fbnet_jax.core.errors; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60, check=True, env={"PYTHONPATH": str(REPO)})
     assert result.stdout.split() == ["[]"]

@@ -1,4 +1,4 @@
-"""The evaluators of a config (fbnet_jax/evaluators.py) and their runs (fbnet_jax/evaluate.py)."""
+"""The evaluators of a config (fbnet_jax/eval/evaluators.py) and their runs (fbnet_jax/eval/evaluate.py)."""
 
 import copy
 import json
@@ -12,8 +12,10 @@ import pytest
 
 from conftest import REPO, train_tiny_run
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, compound, config_checks, evaluate, evaluators, metrics
-from fbnet_jax import taxonomy
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.eval import compound, evaluate, evaluators, metrics
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.core import taxonomy
 
 AUS = (1, 2)
 
@@ -238,7 +240,8 @@ def test_selection_split_override_and_file_names(tiny_config):
 
 COMPOUND_CONFIG = '''
 import copy
-from fbnet_jax import config_files, evaluators
+from fbnet_jax.core import config_files
+from fbnet_jax.eval import evaluators
 
 def get_config():
     config = config_files.load("synthetic:tiny")
@@ -265,7 +268,7 @@ def test_fbnet_eval_with_a_config_file_adds_compound_evaluators(tiny_run, tmp_pa
     config_file = tmp_path / "with_compound.py"
     config_file.write_text(COMPOUND_CONFIG)
     result = subprocess.run(
-        [sys.executable, "-m", "fbnet_jax.main", "eval", "--workdir", str(tiny_run), "--config",
+        [sys.executable, "-m", "fbnet_jax", "eval", "--workdir", str(tiny_run), "--config",
          str(config_file), "--evals", "zero,few"], cwd=tmp_path, capture_output=True, text=True,
         timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
     assert result.returncode == 0, result.stderr
@@ -288,12 +291,13 @@ def test_fbnet_eval_with_a_config_file_adds_compound_evaluators(tiny_run, tmp_pa
 
 
 def _load(path):
-    from fbnet_jax import config_files
+    from fbnet_jax.core import config_files
     return config_files.load(str(path))
 
 
 def test_training_runs_periodic_compound_evaluators(tmp_path, tiny_config):
-    from fbnet_jax import config_files, train
+    from fbnet_jax.core import config_files
+    from fbnet_jax.train import loop as train
     config_file = tmp_path / "with_compound.py"
     config_file.write_text(COMPOUND_CONFIG)
     config = config_files.load(str(config_file))

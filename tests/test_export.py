@@ -1,4 +1,4 @@
-"""Export (fbnet_jax/export.py): every format reproduces the JAX model of a tiny trained run.
+"""Export (fbnet_jax/serve/export.py): every format reproduces the JAX model of a tiny trained run.
 
 One tiny run per module; each export is checked here again, independently of export's own parity
 check: the artefact is loaded the way its consumer would load it and run on a batch size that
@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_isolated, train_tiny_run
-from fbnet_jax import __version__, export, taxonomy
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import UserError
-from fbnet_jax.inference import OUTPUTS, InferenceModel
+from fbnet_jax.core.version import __version__
+from fbnet_jax.serve import export
+from fbnet_jax.core import taxonomy
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import UserError
+from fbnet_jax.serve.inference import OUTPUTS, InferenceModel
 
 STEPS = 2
 SIZE = 32  # the tiny config's image size

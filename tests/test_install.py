@@ -60,7 +60,7 @@ def test_the_wheel_ships_every_module_and_config(installed):
 
 def test_the_installed_command_trains_from_another_directory(installed, tmp_path):
     where = _run(installed, tmp_path, sys.executable, "-c",
-                 "import fbnet_jax, fbnet_jax.config_files as c, data_pipelines.sources as s, "
+                 "import fbnet_jax, fbnet_jax.core.config_files as c, data_pipelines.sources as s, "
                  "data_pipelines.tfds_builders as t; print(fbnet_jax.__file__); "
                  "print(c.packaged_dir()); print(s.__file__); print(t.__file__)")
     module_file, config_dir, *subpackages = where.stdout.split()

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbnet_jax import losses, taxonomy
+from fbnet_jax.model import losses
+from fbnet_jax.core import taxonomy
 
 WEIGHTS = {"expression": 1.0, "au": 1.0, "va": 1.0}
 
@@ -228,7 +229,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from fbnet_jax import losses, taxonomy
+    from fbnet_jax.model import losses
+    from fbnet_jax.core import taxonomy
     from test_losses import WEIGHTS, _batch
 
     devices = jax.devices()

@@ -16,7 +16,7 @@ from conftest import REPO
 def _fbnet(*args, env_extra=None, new_session=False):
     env = {k: v for k, v in os.environ.items() if k != "FBNET_DEBUG"}
     env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "fbnet_jax.main", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "fbnet_jax", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=new_session)
 
@@ -331,7 +331,8 @@ def test_restarts_and_eval_of_a_run(tmp_path):
 
 
 def test_relatedness_command_writes_a_table_and_refuses_mistakes_in_one_line(tmp_path):
-    from fbnet_jax import relatedness, taxonomy  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.eval import relatedness  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.core import taxonomy  # pylint: disable=g-import-not-at-top
     table = tmp_path / "table.json"
     tiny = ["relatedness", "--config", "configs/synthetic.py:tiny"]
     process = _fbnet(*tiny, "--out", str(table), "--max_examples", "200")

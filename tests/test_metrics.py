@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fbnet_jax import metrics, taxonomy
+from fbnet_jax.eval import metrics
+from fbnet_jax.core import taxonomy
 
 SEEDS = range(5)
 

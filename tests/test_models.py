@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import resnet50_shapes
-from fbnet_jax.models import FaceBehaviorNet, backbones
+from fbnet_jax.model import FaceBehaviorNet, backbones
 
 
 def _init_apply(model, image, train=False, rng=0):

@@ -15,7 +15,7 @@ import portpicker
 import pytest
 
 from conftest import REPO
-from fbnet_jax import checkpointing
+from fbnet_jax.runtime import checkpointing
 
 FLAGS = ["--config", "synthetic:tiny", "--config.train.num_steps=6",
          "--config.train.log_every=1", "--config.evals.validation.every=3",
@@ -30,7 +30,7 @@ def _start(workdir, num_processes, devices_per_process, extra=()):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     processes = []
     for i in range(num_processes):
-        command = [sys.executable, "-m", "fbnet_jax.main", "train", "--workdir", str(workdir),
+        command = [sys.executable, "-m", "fbnet_jax", "train", "--workdir", str(workdir),
                    *FLAGS, *extra]
         if num_processes > 1:
             command += ["--coordinator_address", f"127.0.0.1:{port}",

@@ -11,8 +11,10 @@ import pytest
 import tensorboardX
 
 from data_pipelines import pipeline
-from fbnet_jax import config_checks, metrics_log, train
-from fbnet_jax.errors import ConfigError
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.eval import metrics_log
+from fbnet_jax.train import loop as train
+from fbnet_jax.core.errors import ConfigError
 
 
 def test_a_run_logs_its_parameters_compiled_step_and_profile(tiny_config, tmp_path):
@@ -161,6 +163,6 @@ def test_a_restart_drops_the_records_after_its_checkpoint(tmp_path, caplog):
     assert [(r.kind, r.step) for r in metrics_log.read(tmp_path)[0]] == [("start", 0)]
     # A damaged line elsewhere is skipped, with a warning.
     path.write_text('{"kind": "train"}\n' + path.read_text())
-    with caplog.at_level(logging.WARNING, logger="fbnet_jax.metrics_log"):
+    with caplog.at_level(logging.WARNING, logger="fbnet_jax.eval.metrics_log"):
         assert len(metrics_log.read(tmp_path)[0]) == 1
     assert "1 line(s) that are no record skipped" in caplog.text

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, load_config
-from fbnet_jax import config_checks, train
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import loop as train
 
 
 def test_the_paper_recipe():
@@ -91,7 +92,7 @@ def test_it_trains(tmp_path, args):
     else:
         small_splits.append("--config.data.sources.rafdb_compound_like.test_size=22")
     result = subprocess.run(
-        [sys.executable, "-m", "fbnet_jax.main", "train", *args, "--workdir", str(tmp_path),
+        [sys.executable, "-m", "fbnet_jax", "train", *args, "--workdir", str(tmp_path),
          "--config.train.num_steps=2", "--config.evals.validation.every=0",
          "--config.data.eval_batch_size=4", "--config.data.render_cache_dir=", *small_splits],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,

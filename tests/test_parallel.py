@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import first_batch, run_isolated
-from fbnet_jax import checkpointing, parallel, train
-from fbnet_jax import state as state_lib
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
 
 # One step of every mode on the same global batch of 16 rows whose labels fall unevenly over 8
 # devices (2 rows each): expressions on rows 0-5 (devices 0-2), VA on rows 0-2 (devices 0-1;
@@ -23,7 +24,8 @@ import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import load_config
 from data_pipelines import pipeline
-from fbnet_jax import parallel, state as state_lib, train
+from fbnet_jax.runtime import parallel, state as state_lib
+from fbnet_jax.train import loop as train
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -250,7 +252,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import load_config
-from fbnet_jax import checkpointing, state as state_lib, train
+from fbnet_jax.runtime import checkpointing, state as state_lib
+from fbnet_jax.train import loop as train
 
 def config(mode, stop_after):
     c = load_config("synthetic.py", "tiny")

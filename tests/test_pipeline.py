@@ -14,7 +14,7 @@ import pytest
 from data_pipelines import pipeline
 from data_pipelines import schema
 from data_pipelines import transforms
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 AUS = taxonomy.AUS
 SOURCE_SIZE = 20  # toy images are 20x20, so the pipeline's resize to 16x16 is exercised

@@ -1,4 +1,4 @@
-"""Prediction on face crops, images, folders and videos (fbnet_jax/predict.py).
+"""Prediction on face crops, images, folders and videos (fbnet_jax/serve/predict.py).
 
 One tiny run is trained per module. The faces are the generator's own (data_pipelines/
 synthetic_render.py) with every nuisance off: OpenCV's Haar cascade finds them, so detection is
@@ -18,8 +18,9 @@ from PIL import Image, ImageOps
 
 from data_pipelines import synthetic_render
 from data_pipelines.sources import base
-from fbnet_jax import predict, taxonomy
-from fbnet_jax.errors import UserError
+from fbnet_jax.serve import predict
+from fbnet_jax.core import taxonomy
+from fbnet_jax.core.errors import UserError
 from conftest import train_tiny_run
 
 FACE = 128   # side of a pasted face render

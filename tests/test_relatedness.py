@@ -16,9 +16,9 @@ import pytest
 from data_pipelines import pipeline
 from data_pipelines import schema
 from data_pipelines import synthetic
-from fbnet_jax import relatedness
-from fbnet_jax import taxonomy
-from fbnet_jax.errors import ConfigError, UserError
+from fbnet_jax.eval import relatedness
+from fbnet_jax.core import taxonomy
+from fbnet_jax.core.errors import ConfigError, UserError
 
 AUS = (1, 2, 4)
 _ = -1   # an unlabelled AU

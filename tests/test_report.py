@@ -1,4 +1,4 @@
-"""Evaluation reports (fbnet_jax/report.py) and run comparison (fbnet_jax/compare.py)."""
+"""Evaluation reports (fbnet_jax/eval/report.py) and run comparison (fbnet_jax/eval/compare.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from fbnet_jax import checkpointing, compare, evaluate, metrics_log, parallel, report
-from fbnet_jax import report_compound, taxonomy, train
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import UserError
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.eval import compare, evaluate, metrics_log, report
+from fbnet_jax.eval import report_compound
+from fbnet_jax.core import taxonomy
+from fbnet_jax.train import loop as train
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pixel sizes (width, height) of the plots: fixed figure sizes at 100 dpi.
@@ -52,7 +55,7 @@ RESULTS = {
     "test/b/va_mean_ccc": 0.0625,
 }
 
-# The keys of fbnet_jax/compound.py's zero- and few-shot evaluations for source "c" of the test split,
+# The keys of fbnet_jax/eval/compound.py's zero- and few-shot evaluations for source "c" of the test split,
 # which labels nothing else: zero-shot and few-shot at k = 1 and 5 (k = 5 listed first).
 C = "test/c/compound"
 COMPOUND = {
@@ -354,7 +357,7 @@ def test_without_compound_keys_no_section_and_a_stale_plot_is_removed(tmp_path):
 
 
 def test_compound_head_table_and_few_shot_ks():
-    # A compound head's metrics (fbnet_jax/metrics.py) still get their task table row; a count
+    # A compound head's metrics (fbnet_jax/eval/metrics.py) still get their task table row; a count
     # alone (the compound evaluation's) does not.
     columns = report.TASK_TABLES[-1][2]
     head = {"test/c/compound_count": 4.0, "test/c/compound_uar": 0.5}
@@ -375,7 +378,7 @@ def test_report_needs_metrics_of_the_split(tmp_path):
 
 def test_training_curves_from_a_train_log_of_a_run_before_metrics_jsonl(tmp_path, caplog):
     run = _workdir(tmp_path)
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.metrics_log"):
         records, path = metrics_log.read(run)
     assert path == run / "train.log"
     assert f"{run} has no metrics.jsonl (a run from before it): reading its records from " \
@@ -412,7 +415,7 @@ def test_compare_marks_the_best_and_the_differences(tmp_path, caplog):
                                             "test/au_mean_f1": 0.25, "test/va_mean_ccc": 0.1,
                                             "test/b/va_mean_ccc": 0.2})
     out = tmp_path / "out" / "compare.md"
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.compare"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.compare"):
         assert compare.run_command([a, b], out=out) == 0
     lines = out.read_text().splitlines()
     assert lines[4:9] == [
@@ -591,7 +594,7 @@ def test_report_and_compare_read_the_records_not_train_log(tiny_runs, tmp_path):
 def test_a_run_without_metrics_jsonl_reports_from_its_train_log(tiny_runs, tmp_path, caplog):
     run = shutil.copytree(tiny_runs[0], tmp_path / "old")
     (run / "metrics.jsonl").unlink()
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.metrics_log"):
         old = _tiny_report(run, tmp_path / "old_report")
     assert "has no metrics.jsonl (a run from before it): reading its records from" in caplog.text
     new = _tiny_report(tiny_runs[0], tmp_path / "report")
@@ -611,7 +614,7 @@ def test_a_run_without_metrics_jsonl_reports_from_its_train_log(tiny_runs, tmp_p
                                           abs=0 if name in precision else 5e-5), name
     assert report.training_curves(migrated).keys() == report.training_curves(records).keys()
     # Continuing such a run writes its train.log's records into metrics.jsonl once.
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.metrics_log"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.metrics_log"):
         with metrics_log.Writer(run, 1):
             pass
     assert f"{run / 'metrics.jsonl'}: 3 records of the invocations before this one read from " \

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_pipelines.sources import BadRecordError, DatasetError, base, get_source, reader_options
 from data_pipelines.sources import affectnet, affwild2
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 
 def _jpg(path, size=(8, 8), seed=0):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.sources import base, bp4d, disfa, emotionet, get_source
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 
 def _image(path: Path, size: int = 8) -> None:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_pipelines import schema
 from data_pipelines.sources import BadRecordError, DatasetError, base, get_source
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 
 def _save(path, array, **kwargs):

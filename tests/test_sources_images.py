@@ -15,7 +15,7 @@ from PIL import Image
 from data_pipelines import schema
 from data_pipelines import sources
 from data_pipelines.sources import base
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 N, A, D, F, H, S, U = range(7)  # taxonomy.EXPRESSIONS order: Neutral ... Surprise
 NO_AU = [-1] * 17

@@ -14,8 +14,9 @@ from PIL import Image
 from conftest import REPO
 from data_pipelines import pipeline
 from data_pipelines.tfds_builders import prepare
-from fbnet_jax import config_checks, train
-from fbnet_jax.errors import ConfigError
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import loop as train
+from fbnet_jax.core.errors import ConfigError
 
 
 def _dataset(folder, rows, corrupt=()):
@@ -165,7 +166,7 @@ def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, 
     printed = {}
     for name, root in roots.items():
         result = subprocess.run(
-            [sys.executable, "-m", "fbnet_jax.main", "prepare", "--dataset", "manifest",
+            [sys.executable, "-m", "fbnet_jax", "prepare", "--dataset", "manifest",
              "--manual_dir", str(root), "--data_dir", str(data_dir / name)],
             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
             text=True, timeout=300, check=False)
@@ -173,7 +174,7 @@ def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, 
         printed[name] = result.stdout.splitlines()[-3:]
     # One data_dir holds one preparation per dataset and options: another copy is refused.
     again = subprocess.run(
-        [sys.executable, "-m", "fbnet_jax.main", "prepare", "--dataset", "manifest",
+        [sys.executable, "-m", "fbnet_jax", "prepare", "--dataset", "manifest",
          "--manual_dir", str(roots["faces_au"]), "--data_dir", str(data_dir / "faces_expr")],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=300, check=False)

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, run_isolated
 
 from data_pipelines import schema, synthetic, synthetic_render
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 AUS = taxonomy.AUS
 CLEAN = synthetic.Style(identity=0, pose=0, clutter=0, lighting=0, blur=0, noise=0, jpeg=0,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 
 def test_label_spaces():

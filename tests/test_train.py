@@ -14,9 +14,11 @@ import pytest
 
 from conftest import REPO, first_batch
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, evaluate, parallel, train
-from fbnet_jax.errors import ConfigError
-from fbnet_jax import state as state_lib
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.eval import evaluate
+from fbnet_jax.train import loop as train
+from fbnet_jax.core.errors import ConfigError
+from fbnet_jax.runtime import state as state_lib
 
 
 
@@ -299,7 +301,7 @@ def test_a_stop_on_another_process_stops_this_one(monkeypatch, caplog):
 
 _DOUBLE_CTRL_C = r"""
 import os, signal, sys, time
-from fbnet_jax import train
+from fbnet_jax.train import loop as train
 log_file = sys.argv[1]
 open(log_file, "w").close()
 with train.StopSignals(log_file) as stop:

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import resnet50_shapes
-from fbnet_jax import config_checks, parallel
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import ConfigError, UserError
-from fbnet_jax.models import FaceBehaviorNet, backbones, weights
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.runtime import parallel
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import ConfigError, UserError
+from fbnet_jax.model import FaceBehaviorNet, backbones, weights
 
 # VGG-16's 13 convolutions: (name, in channels, out channels), and torchvision's index of each.
 VGG_CONVS = [("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128),
@@ -209,7 +210,7 @@ def test_converted_file_round_trip(tmp_path, suffix, caplog):
         from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
         st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(raw))
     out = tmp_path / f"converted{suffix}"
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.models.weights"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.model.weights"):
         assert weights.run_command(str(raw), str(out)) == 0
     assert "converted" in caplog.text and "--config.model.init_from=" in caplog.text
     assert "dropped: bn1.num_batches_tracked" in caplog.text
@@ -281,7 +282,7 @@ def test_create_state_loads_the_backbone_and_keeps_heads_fresh(tiny_config, conv
                                                                tmp_path, caplog):
     config = _vgg_config(tiny_config, converted_vgg, 64)
     mesh = parallel.create_mesh()
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.models.weights"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.model.weights"):
         _, _, _, state = state_lib.create_state(config, mesh)
     assert ("loaded all 30 params and 0 batch_stats leaves of the backbone (conv1_1, conv1_2, "
             "conv2_1") in caplog.text

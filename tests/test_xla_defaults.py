@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from conftest import REPO
-from fbnet_jax import runtime_defaults
+from fbnet_jax.core import runtime_defaults
 
 DEFAULT = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 UNDO = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
 
 # Prints how many YNNPACK fusions the CPU backend made of a program that is one convolution.
 _PROGRAM = """
-from fbnet_jax import runtime_defaults
+from fbnet_jax.core import runtime_defaults
 runtime_defaults.apply()
 import jax, jax.numpy as jnp
 x, k = jnp.ones((8, 32, 32, 16)), jnp.ones((3, 3, 16, 32))
@@ -36,7 +36,7 @@ def test_defaults_are_added_unless_the_flag_is_given():
 
 def test_the_defaults_import_nothing_heavy():
     # `fbnet --help` and a mistake in a flag stay fast although the command imports them first.
-    code = ("import sys, fbnet_jax.runtime_defaults; "
+    code = ("import sys, fbnet_jax.core.runtime_defaults; "
             "print(sorted({'jax', 'numpy'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60, check=True, env={"PYTHONPATH": str(REPO)})
@@ -62,7 +62,7 @@ def test_the_cpu_convolutions_leave_ynnpack_unless_the_user_says_otherwise():
 # the defaults the block is reused, without them each run maps (and faults through) a new one.
 _FAULTS = """
 import resource
-from fbnet_jax import runtime_defaults
+from fbnet_jax.core import runtime_defaults
 runtime_defaults.apply()
 import jax, jax.numpy as jnp
 x = jnp.ones((16, 128, 128, 64), jnp.float32)
@@ -128,7 +128,7 @@ def test_the_dispatch_switch_reads_the_usual_spellings(monkeypatch, value, async
 def test_a_misspelt_dispatch_switch_is_one_line_naming_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, "-m", "fbnet_jax.main", "train", f"--workdir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "fbnet_jax", "train", f"--workdir={tmp_path / 'run'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**env, "PYTHONPATH": str(REPO), "FBNET_JAX_CPU_ASYNC_DISPATCH": "maybe"})
     assert result.returncode == 2
@@ -203,7 +203,7 @@ def test_importing_every_module_changes_no_process_setting(xla_flags):
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.splitlines()[-1])
     before, after = seen["before"], seen["after"]
-    assert {"fbnet_jax.main", "fbnet_jax.parallel", "data_pipelines.schema",
+    assert {"fbnet_jax.cli.main", "fbnet_jax.runtime.parallel", "data_pipelines.schema",
             "data_pipelines.tfds_builders.prepare"} <= set(seen["modules"])
     assert after["environ"].get("XLA_FLAGS") == xla_flags
     changed = {name for name in before["environ"].keys() | after["environ"].keys()

@@ -8,7 +8,7 @@ folder its publisher ships, unpacked) and returns a grain random-access source o
 (docs/design.md#records). `split` is "train", "validation", "test" or "all", following each
 dataset's own convention (see its module). Options common to every dataset:
 
-  aus           the AU list records follow (default: the 17 of fbnet_jax.taxonomy.AUS)
+  aus           the AU list records follow (default: the 17 of fbnet_jax.core.taxonomy.AUS)
   source_index  the `source` field of every record (the pipeline sets it)
   strict        stop at the first bad record instead of skipping and counting it
   margin        face crops are widened by this fraction of the face box on every side (0.2)
@@ -39,7 +39,7 @@ from typing import Any
 
 from data_pipelines.sources import base
 from data_pipelines.sources.base import BadRecordError, DatasetError, FileSource
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 # name -> "module:function" (modules are imported when first used).
 DATASETS = {

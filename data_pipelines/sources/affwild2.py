@@ -72,7 +72,7 @@ import re
 from pathlib import Path
 
 from data_pipelines.sources import base
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 DATASET = "affwild2"
 TASKS = ("va", "expr", "au", "mtl")

@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import schema
-from fbnet_jax import taxonomy
-from fbnet_jax.errors import UserError
+from fbnet_jax.core import taxonomy
+from fbnet_jax.core.errors import UserError
 
 log = logging.getLogger("fbnet.data")
 

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from data_pipelines.sources import base
 from data_pipelines.sources.disfa import fold_split
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 # The standard 3-fold subject partition (ME-GraphAU tool/BP4D_image_label_process.py).
 BP4D_PARTS = (

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.sources import base
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 # CK+ emotion code 0..7 -> index into taxonomy.EXPRESSIONS; None: contempt
 # (docs/datasets.md#mapping-to-the-7-expressions).

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from data_pipelines.sources import base
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 _NAMES = {name.lower(): k for k, name in enumerate(taxonomy.EXPRESSIONS)}
 _AU_COLUMN = re.compile(r"^AU\s*0*(\d+)$", re.IGNORECASE)

@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import schema
 from data_pipelines.sources import base
 from data_pipelines.tfds_builders import faces, prepare
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 
 def open_prepared(data_dir: str | os.PathLike, split: str, *, dataset: str,

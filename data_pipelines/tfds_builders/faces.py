@@ -224,7 +224,7 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version(FORMAT_VERSION)
     RELEASE_NOTES = {FORMAT_VERSION: "Faces as data_pipelines.sources serves them (PNG), labels "
-                                     "over the 17 AUs of fbnet_jax.taxonomy.AUS."}
+                                     "over the 17 AUs of fbnet_jax.core.taxonomy.AUS."}
     DATASET = ""
     # Where TFDS looks for a checksums file (nothing is downloaded). TFDS's own lookup of a
     # builder's module fails without the `importlib_resources` package.

@@ -61,8 +61,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from fbnet_jax import config_files, logs, runtime_defaults
-from fbnet_jax.errors import EXIT_FAILED, UserError
+from fbnet_jax.core import config_files, logs, runtime_defaults
+from fbnet_jax.core.errors import EXIT_FAILED, UserError
 
 COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "convert-weights",
             "compare")
@@ -70,7 +70,7 @@ COMMANDS = ("train", "eval", "relatedness", "prepare", "export", "predict", "con
 PLAIN_COMMANDS = ("prepare", "export", "predict", "convert-weights", "compare")
 # Commands whose words after the command are inputs (files, folders, runs).
 INPUT_COMMANDS = ("predict", "compare")
-EXIT_STOPPED, EXIT_INTERRUPTED = 75, 130  # a UserError carries its own (fbnet_jax/errors.py)
+EXIT_STOPPED, EXIT_INTERRUPTED = 75, 130  # a UserError carries its own (fbnet_jax/core/errors.py)
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 _WORKDIR = flags.DEFINE_string(
@@ -136,7 +136,7 @@ _FC6_ADAPTIVE_POOL = flags.DEFINE_bool(
     "224 px) be used at other image sizes, averaging the feature map to 7x7 (an approximation).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also: FBNET_DEBUG=1).")
 
-log = logging.getLogger("fbnet_jax.main")
+log = logging.getLogger("fbnet_jax.cli.main")
 
 
 def _fail(message: str, status: int) -> None:
@@ -242,7 +242,7 @@ def _parse(argv: list[str]) -> tuple[str, object]:
     elif spec is not None:
         config = config_files.load(spec)
     else:
-        from fbnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
         logs.quiet_libraries()
         config = evaluate.stored_config(_WORKDIR.value, _CHECKPOINT.value, _STEP.value)
     _check_overrides(argv, config)
@@ -339,7 +339,7 @@ def _default_workdir(name: str) -> Path:
 def _start_processes() -> None:
     """Joins a multi-process run (flags, or a detected launcher) before any device is used."""
     import jax  # pylint: disable=g-import-not-at-top
-    from fbnet_jax import parallel  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
     try:
         started = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                                   _PROCESS_ID.value)
@@ -362,27 +362,28 @@ def main(command: str, config) -> int:
         return prepare.run_command(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                                    list(_OPTION.value), _STRICT.value)
     if command == "export":
-        from fbnet_jax import export  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.serve import export  # pylint: disable=g-import-not-at-top
         return export.run_command(_WORKDIR.value, _CHECKPOINT.value, _STEP.value, _FORMAT.value,
                                   _OUT.value)
     if command == "predict":
-        from fbnet_jax import predict  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.serve import predict  # pylint: disable=g-import-not-at-top
         return predict.run_command(_WORKDIR.value, _STEP.value, config, _OUT.value,
                                    _DETECT.value, _STRIDE.value, _BATCH_SIZE.value)
     if command == "compare":
-        from fbnet_jax import compare  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.eval import compare  # pylint: disable=g-import-not-at-top
         return compare.run_command(config, _OUT.value, _SPLIT.value,
                                    per_source=_PER_SOURCE.value)
     if command == "convert-weights":
-        from fbnet_jax.models import weights  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.model import weights  # pylint: disable=g-import-not-at-top
         return weights.run_command(flags.FLAGS["from"].value, _OUT.value, _LAYOUT.value,
                                    _BACKBONE.value, fc6_adaptive_pool=_FC6_ADAPTIVE_POOL.value)
     if command == "relatedness":
-        from fbnet_jax import relatedness  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.eval import relatedness  # pylint: disable=g-import-not-at-top
         relatedness.run_command(config, _OUT.value, min_count=_MIN_COUNT.value,
                                 max_examples=_MAX_EXAMPLES.value)
         return 0
-    from fbnet_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     if command == "train":
         workdir = Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir(config.name)
         try:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 DEFAULT_AU_NAMES: tuple[str, ...] = tuple(f"AU{n}" for n in taxonomy.AUS)
 VA_NAMES: tuple[str, str] = ("valence", "arousal")

@@ -17,7 +17,7 @@ contributes 0 with zero gradient.
 
 The coupling losses (`co_annotation_loss`, `distribution_matching_loss`) tie the tasks together
 through an expression-AU relatedness matrix R [7, A] and its prototypical mask P, constants of the
-step (`Coupling`; see fbnet_jax/relatedness.py for where they come from).
+step (`Coupling`; see fbnet_jax/eval/relatedness.py for where they come from).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbnet_jax import taxonomy
+from fbnet_jax.core import taxonomy
 
 TASK_TERMS = ("expression", "au", "va")
 COUPLING_TERMS = ("co_annotation", "distribution_matching")

@@ -42,8 +42,8 @@ import tqdm
 
 from data_pipelines import pipeline
 from data_pipelines import schema
-from fbnet_jax import taxonomy
-from fbnet_jax.errors import ConfigError, UserError
+from fbnet_jax.core import taxonomy
+from fbnet_jax.core.errors import ConfigError, UserError
 
 DU2014 = "du2014"
 FORMAT = "fbnet_jax.relatedness"
@@ -146,7 +146,7 @@ def du2014(aus: Sequence[int]) -> Relatedness:
         matrix=taxonomy.basic_relatedness(aus),
         prototypical=taxonomy.prototypical_mask(taxonomy.EXPRESSIONS, aus), aus=aus,
         source=f"{DU2014}: Du, Tao, Martinez, PNAS 2014, Table 1 "
-               f"(fbnet_jax.taxonomy.BASIC_RELATEDNESS)")
+               f"(fbnet_jax.core.taxonomy.BASIC_RELATEDNESS)")
 
 
 def load(spec: str, aus: Sequence[int]) -> Relatedness:

@@ -16,7 +16,7 @@ Kinds (`KINDS`):
                       names a split of the same sources to tune per-AU thresholds on
                       (`au_tuned_*` keys).
   compound_zero_shot  RAF-DB's 11 compound classes from the network's AU and expression
-                      probabilities (fbnet_jax/compound.py).
+                      probabilities (fbnet_jax/eval/compound.py).
   compound_few_shot   k-shot linear probe and nearest class mean on the features, for each k of
                       `ks`, over `draws` random support sets.
 
@@ -25,7 +25,7 @@ The contract (after big_vision's evaluators): an `Evaluator` is called with a pr
 of every example of those sources' split (numpy, rows aligned, `labels["valid"]` 0 on padding),
 and returns flat metrics `{split}/{metric}` (the evaluator's sources together, tasks only) and
 `{split}/{source}/{task}_{metric}`. Training and `fbnet eval` build the predict function (one
-pass over each split, however many evaluators read it: fbnet_jax/evaluate.py); a test can pass
+pass over each split, however many evaluators read it: fbnet_jax/eval/evaluate.py); a test can pass
 one that returns fixed arrays.
 """
 
@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import pipeline
-from fbnet_jax import compound, metrics
+from fbnet_jax.eval import compound, metrics
 
 TASK_OUTPUTS = ("expression_logits", "au_logits", "va")
 KINDS = ("tasks", "compound_zero_shot", "compound_few_shot")
@@ -246,13 +246,13 @@ def run(evaluators: Sequence[Evaluator], predict: PredictFn, source_names: Seque
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks of `config.evals` (called by fbnet_jax.config_checks.validate).
+# Checks of `config.evals` (called by fbnet_jax.config.checks.validate).
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
     """What is wrong with `config.evals`, one message per problem (empty: nothing)."""
     out: list[str] = []
     if not isinstance(config.get("evals"), ml_collections.ConfigDict):
-        return ["evals: missing; a dict of named evaluators (fbnet_jax/evaluators.py)"]
+        return ["evals: missing; a dict of named evaluators (fbnet_jax/eval/evaluators.py)"]
     source_names = pipeline.source_names(config.data)
     splits = {n: set(pipeline.source_splits(config.data.sources[n])) for n in source_names
               if config.data.sources[n].kind in pipeline.SOURCE_KINDS}
@@ -263,7 +263,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
             out.append(f"{path}: an evaluator's name must be letters, digits and '_' (it names "
                        f"files)")
         if not isinstance(entry, ml_collections.ConfigDict) or "kind" not in entry:
-            out.append(f"{path}: must be an evaluator (fbnet_jax/evaluators.py: tasks(...), "
+            out.append(f"{path}: must be an evaluator (fbnet_jax/eval/evaluators.py: tasks(...), "
                        f"compound_zero_shot(...), compound_few_shot(...))")
             continue
         if entry.kind not in KINDS:

@@ -57,8 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbnet_jax.errors import UserError
-from fbnet_jax.models import backbones
+from fbnet_jax.core.errors import UserError
+from fbnet_jax.model import backbones
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Process 0 of `fbnet train` appends a record when an invocation starts, at every logged step and
 after every evaluation round, and flushes it at once: a run killed at any point (even with
 SIGKILL) keeps every record written before. The report's training curves and `fbnet compare` read
-these records, never `train.log`, which is for people (fbnet_jax/logs.py).
+these records, never `train.log`, which is for people (fbnet_jax/core/logs.py).
 
 A record (docs/design.md#the-runs-records-metricsjsonl):
 
@@ -45,7 +45,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fbnet_jax import logs
+from fbnet_jax.core import logs
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def read(workdir: str | Path) -> tuple[list[Record], Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# train.log, as the versions before metrics.jsonl wrote it (fbnet_jax/logs.py, train.py).
+# train.log, as the versions before metrics.jsonl wrote it (fbnet_jax/core/logs.py, train.py).
 
 _LOG_LINE = re.compile(r"^(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?P<message>.*)$")
 # The two lines that say where an invocation starts.
@@ -206,7 +206,7 @@ _PAIR = re.compile(rf"^(?P<name>[A-Za-z][\w ]*?) (?P<value>{_NUMBER})$")
 # The one-line evaluation summary: "<split>: <header> <value>, ...".
 _SUMMARY = re.compile(r"^(?P<split>[\w.-]+): (?P<pairs>.+)$")
 # The summary's headers and the metric keys they stand for, as those versions printed them (the
-# headline metrics of fbnet_jax/report.py then). Kept here as written: old logs do not change
+# headline metrics of fbnet_jax/eval/report.py then). Kept here as written: old logs do not change
 # when today's labels do.
 _SUMMARY_KEYS = {
     "expr acc": "expression_accuracy", "expr F1": "expression_macro_f1",

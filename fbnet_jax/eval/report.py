@@ -15,11 +15,11 @@ and at tuned thresholds, predicted against true valence and arousal, the headlin
 source, and the run's training curves. A plot whose data is absent (no VA label in the split, no
 predictions given, no run directory) is left out and the report says why; nothing is drawn empty.
 
-Results with the zero- and few-shot compound metrics of fbnet_jax/compound.py get one more
-section, with their tables and a plot of UAR against k (fbnet_jax/report_compound.py); other
+Results with the zero- and few-shot compound metrics of fbnet_jax/eval/compound.py get one more
+section, with their tables and a plot of UAR against k (fbnet_jax/eval/report_compound.py); other
 results get no trace of it.
 
-The training curves come from the run's records, `metrics.jsonl` (fbnet_jax/metrics_log.py), not
+The training curves come from the run's records, `metrics.jsonl` (fbnet_jax/eval/metrics_log.py), not
 from its TensorBoard event files, which need the `tensorboard` package (a test extra) or a record
 decoder of our own, nor from `train.log`, which is for people (a run from before metrics.jsonl
 is read from it, once per report, by metrics_log).
@@ -49,7 +49,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fbnet_jax import logs, metrics, metrics_log, taxonomy
+from fbnet_jax.core import logs, taxonomy
+from fbnet_jax.eval import metrics, metrics_log
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ FIGURE_SIZES = {
 VA_BINS = 20  # per axis of the predicted-vs-true histograms over [-1, 1]
 
 # The headline metrics of a subset (all higher-is-better): (key suffix, label). The columns of
-# the console table and summary line of fbnet_jax/evaluate.py, of the per-source plot, of the
-# training curves' evaluation panel and of fbnet_jax/compare.py.
+# the console table and summary line of fbnet_jax/eval/evaluate.py, of the per-source plot, of the
+# training curves' evaluation panel and of fbnet_jax/eval/compare.py.
 HEADLINE_METRICS = (
     ("expression_accuracy", "expr acc"), ("expression_macro_f1", "expr F1"),
     ("au_mean_f1", "AU F1"), ("au_accuracy", "AU acc"),
@@ -143,7 +144,7 @@ def task_table(results: Mapping[str, Any], split: str, task: str,
                columns: tuple[tuple[str, str], ...]) -> Table | None:
     """One row per subset with a metric of `task`; None when no subset has one.
 
-    A count alone makes no row: the compound evaluation (fbnet_jax/compound.py) reports
+    A count alone makes no row: the compound evaluation (fbnet_jax/eval/compound.py) reports
     `compound_count` beside metrics of its own, which are not this table's.
     """
     rows = []
@@ -477,8 +478,8 @@ def make_plots(results: Mapping[str, Any], split: str,
 
 def _blocks(results, split, plots, compound_plot, title) -> list[Any]:
     """The report as a list of ("h1"|"h2"|"h3"|"h4"|"p", text), Table and Plot."""
-    # Here, not at the top: fbnet_jax/report_compound.py imports this module.
-    from fbnet_jax import report_compound  # pylint: disable=g-import-not-at-top
+    # Here, not at the top: fbnet_jax/eval/report_compound.py imports this module.
+    from fbnet_jax.eval import report_compound  # pylint: disable=g-import-not-at-top
     step = results.get("step")
     blocks: list[Any] = [("h1", title), ("p", f"Split `{split}`" + (
         f", checkpoint of step {int(step)}." if step is not None else "."))]
@@ -570,7 +571,7 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
     Args:
       results: flat metrics of an evaluation (`evaluate.evaluate`, a `metrics.json`): keys
         `{split}/...` and `{split}/{source}/...`, and optionally "step"; compound zero- and
-        few-shot keys (fbnet_jax/compound.py) of any split get a section of their own.
+        few-shot keys (fbnet_jax/eval/compound.py) of any split get a section of their own.
       split: the split of `results` to report.
       out_dir: created if needed. PNGs of plots left out this time are removed from it, so it
         never shows a stale plot; `CONFUSION_FILE` is written with the confusion matrix plot and
@@ -593,8 +594,8 @@ def write_report(results: Mapping[str, Any], split: str, out_dir: str | Path, *,
     title = title or f"Evaluation on {split}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Here, not at the top: fbnet_jax/report_compound.py imports this module.
-    from fbnet_jax import report_compound  # pylint: disable=g-import-not-at-top
+    # Here, not at the top: fbnet_jax/eval/report_compound.py imports this module.
+    from fbnet_jax.eval import report_compound  # pylint: disable=g-import-not-at-top
     confusion = confusion_counts(results, split, arrays)
     plots = make_plots(results, split, arrays, workdir, confusion)
     compound_plot = report_compound.few_shot_plot(results)

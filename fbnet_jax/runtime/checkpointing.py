@@ -26,8 +26,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from fbnet_jax import parallel
-from fbnet_jax.errors import UserError
+from fbnet_jax.runtime import parallel
+from fbnet_jax.core.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -238,7 +238,7 @@ def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
     if "evals" not in values and "eval_split" in values.get("train", {}):
         # Saved before `config.evals`: its train.* evaluation fields become the evaluators
         # that ran then.
-        from fbnet_jax import evaluators  # pylint: disable=g-import-not-at-top  # (cycle)
+        from fbnet_jax.eval import evaluators  # pylint: disable=g-import-not-at-top  # (cycle)
         values["evals"] = evaluators.from_train_fields(values)
     for path, value in ADDED_FIELDS.items():
         *parents, leaf = path.split(".")

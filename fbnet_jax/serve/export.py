@@ -64,10 +64,10 @@ import numpy as np
 from flax import traverse_util
 
 from data_pipelines import schema, synthetic
-from fbnet_jax import checkpointing
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import EXIT_FAILED, UserError
-from fbnet_jax.inference import OFFSET, OUTPUTS, SCALE, InferenceModel
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import EXIT_FAILED, UserError
+from fbnet_jax.serve.inference import OFFSET, OUTPUTS, SCALE, InferenceModel
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ _FORMATS = {
         "outputs"),
     "safetensors": _Format(
         _write_safetensors, _load_safetensors_runner,
-        "fbnet_jax.export.load_safetensors(path).apply(x) -> dict of the outputs; or "
+        "fbnet_jax.serve.export.load_safetensors(path).apply(x) -> dict of the outputs; or "
         "safetensors.numpy.load_file(path) for the variables alone"),
 }
 

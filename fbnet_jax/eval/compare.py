@@ -4,7 +4,7 @@ Each run's metrics come from its `metrics.json` (its final evaluators' metrics) 
 none or it lacks the split asked for, from its latest `eval/{split}_step{N}.json` (written by
 `fbnet eval`; files of evaluators chosen by name, `{names}@{split}_step{N}.json`, are partial and
 not read), or else from the latest evaluation of the split in its records (`metrics.jsonl`,
-fbnet_jax/metrics_log.py): a run stopped before its final evaluation is compared on its latest
+fbnet_jax/eval/metrics_log.py): a run stopped before its final evaluation is compared on its latest
 periodic one. Rows are metrics, columns runs; the best value of each row is marked
 (every metric compared is higher-is-better) and each run after the first shows its difference
 from the first. A metric a run did not measure (nothing labelled for it) is '-', never 0.
@@ -20,13 +20,14 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fbnet_jax import logs, metrics_log, report
-from fbnet_jax.errors import UserError
+from fbnet_jax.core import logs
+from fbnet_jax.eval import metrics_log, report
+from fbnet_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-# `{split}[+{split}...]_step{N}.json`, as fbnet_jax/evaluate.py's `output_stem` names them.
+# `{split}[+{split}...]_step{N}.json`, as fbnet_jax/eval/evaluate.py's `output_stem` names them.
 _EVAL_FILE = re.compile(r"^(?P<splits>[^@]+)_step(?P<step>\d+)\.json$")
 # The console table's columns, then the challenge scores, tuned-threshold AU F1 and compound
 # expressions; all higher-is-better.

@@ -27,9 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, evaluators, losses, models, relatedness, taxonomy
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import ConfigError
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.eval import evaluators, relatedness
+from fbnet_jax.model import losses
+from fbnet_jax import model as models
+from fbnet_jax.core import taxonomy
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import ConfigError
 
 # Fields a restart may change (`*` is one path component).
 FREE_FIELDS = (
@@ -184,7 +188,7 @@ def _check_model(config, problems):
                         f"expressions {', '.join(taxonomy.EXPRESSIONS)}), got "
                         f"{model.num_expressions!r}")
     if model.init_from:
-        from fbnet_jax.models import weights  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.model import weights  # pylint: disable=g-import-not-at-top
         problem = weights.init_from_problem(model.init_from, model.backbone)
         if problem:
             problems.append(f"model.init_from: {problem}")

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fbnet_jax import models, parallel
-from fbnet_jax.models import weights
+from fbnet_jax import model as models
+from fbnet_jax.runtime import parallel
+from fbnet_jax.model import weights
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")  # after a linear warm-up from 0

@@ -1,4 +1,4 @@
-"""Evaluation: the evaluators of a config (fbnet_jax/evaluators.py) on a train state.
+"""Evaluation: the evaluators of a config (fbnet_jax/eval/evaluators.py) on a train state.
 
 `evaluate` runs a round of evaluators (training's periodic and final evaluations) with one pass
 of the network over each split they read (`Predictions`); `evaluate_workdir` re-evaluates a
@@ -20,9 +20,11 @@ import numpy as np
 import tqdm
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, compound, config_checks, evaluators, parallel, report
-from fbnet_jax import state as state_lib
-from fbnet_jax.errors import ConfigError, UserError
+from fbnet_jax.runtime import checkpointing, parallel
+from fbnet_jax.eval import compound, evaluators, report
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.runtime import state as state_lib
+from fbnet_jax.core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def evaluate(model, state, config, mesh, round_evaluators: Sequence[evaluators.E
       return_predictions: also return the round's `Predictions` (the report reads its arrays).
 
     Returns:
-      A flat dict of every evaluator's keys (fbnet_jax/evaluators.py); with
+      A flat dict of every evaluator's keys (fbnet_jax/eval/evaluators.py); with
       `return_predictions`, the pair (that dict, the Predictions).
     """
     predictions = Predictions(model, state, config, mesh, round_evaluators,
@@ -244,7 +246,7 @@ def format_summary(results: dict[str, float], split: str) -> str:
 def format_summaries(results: dict[str, float], round_evaluators) -> list[str]:
     """One line per evaluator of a periodic evaluation: the headline metrics of a tasks
     evaluator (`format_summary`), the UAR of each source of a compound one. (The records of runs
-    from before metrics.jsonl are read back from these lines: fbnet_jax/metrics_log.py.)"""
+    from before metrics.jsonl are read back from these lines: fbnet_jax/eval/metrics_log.py.)"""
     lines = []
     for e in round_evaluators:
         if e.kind == "tasks":

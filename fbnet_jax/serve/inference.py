@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fbnet_jax import checkpointing, taxonomy
-from fbnet_jax import state as state_lib
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.core import taxonomy
+from fbnet_jax.runtime import state as state_lib
 
 # Model input = uint8 pixel * SCALE + OFFSET: 0 -> -1, 128 -> 0, 255 -> 127/128.
 SCALE = 1.0 / 128.0
@@ -58,7 +59,7 @@ class InferenceModel:
     @classmethod
     def from_workdir(cls, workdir: str | Path, step: int | None = None) -> InferenceModel:
         """The checkpoint of `step` (default: the latest) of the run in `workdir`."""
-        from fbnet_jax import evaluate  # pylint: disable=g-import-not-at-top  # (cycle)
+        from fbnet_jax.eval import evaluate  # pylint: disable=g-import-not-at-top  # (cycle)
         config, step = evaluate.checkpoint_config(workdir, step)
         return cls._restore(checkpointing.create_manager(workdir, read_only=True), config, step)
 
@@ -114,7 +115,7 @@ class InferenceModel:
     def metadata(self) -> dict[str, str]:
         """What a consumer of an exported model needs, as string values (ONNX metadata_props;
         a JSON file beside the other formats)."""
-        from fbnet_jax import __version__  # pylint: disable=g-import-not-at-top
+        from fbnet_jax.core.version import __version__  # pylint: disable=g-import-not-at-top
         return {
             "fbnet.expressions": json.dumps(list(taxonomy.EXPRESSIONS)),
             "fbnet.aus": json.dumps(list(self.aus)),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
-from fbnet_jax.errors import UserError
+from fbnet_jax.core.errors import UserError
 
 DEFAULT = "synthetic.py"
 

@@ -1,7 +1,7 @@
 """Training: `train_and_evaluate(config, workdir)`.
 
 The step is a pure function `train_step(state, batch) -> (state, metrics)` compiled with `jax.jit`
-over a mesh of all devices (fbnet_jax.parallel); the loop around it feeds global batches, logs,
+over a mesh of all devices (fbnet_jax.runtime.parallel); the loop around it feeds global batches, logs,
 evaluates, and checkpoints the state together with the data iterator, so a run restarted in the
 same work directory continues on exactly the batch where it stopped.
 
@@ -13,7 +13,7 @@ The lifecycle of a run (docs/design.md#runtime):
   `train.stop_after_steps` ends an invocation the same way;
 - no checkpoint holds a NaN or an infinity (`checkpointing.save` refuses them);
 - every log line is appended to `workdir/train.log`, and every logged step and evaluation is a
-  record of `workdir/metrics.jsonl` (fbnet_jax/metrics_log.py).
+  record of `workdir/metrics.jsonl` (fbnet_jax/eval/metrics_log.py).
 """
 
 from __future__ import annotations
@@ -38,11 +38,16 @@ import tensorboardX
 from clu import parameter_overview
 
 from data_pipelines import pipeline
-from fbnet_jax import checkpointing, config_checks, evaluate, evaluators, logs, losses, metrics_log
-from fbnet_jax import parallel, relatedness
-from fbnet_jax import metrics as metrics_lib
-from fbnet_jax.errors import ConfigError, UserError
-from fbnet_jax.state import TrainState, create_state
+from fbnet_jax.runtime import checkpointing
+from fbnet_jax.config import checks as config_checks
+from fbnet_jax.eval import evaluate, evaluators, metrics_log
+from fbnet_jax.core import logs
+from fbnet_jax.model import losses
+from fbnet_jax.runtime import parallel
+from fbnet_jax.eval import relatedness
+from fbnet_jax.eval import metrics as metrics_lib
+from fbnet_jax.core.errors import ConfigError, UserError
+from fbnet_jax.runtime.state import TrainState, create_state
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mappi
       loss_weights: `config.loss.weights`.
       coupling: the relatedness constants of the coupling losses (`coupling_for(config)`).
       axis_name: the pmap axis (None under jit): the losses psum their sums over it, gradients
-        are pmean-ed over it (see fbnet_jax/losses.py on why that is exact), and each device
+        are pmean-ed over it (see fbnet_jax/model/losses.py on why that is exact), and each device
         draws its own dropout masks.
       grad_accum_steps: K > 1 splits the batch into K microbatches (row j of every K on each
         device) and computes the gradient of the loss of the whole batch in two passes: a
@@ -284,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                        allow_config_change: bool = False) -> dict[str, float]:
     """Trains, evaluates periodically and at the end, and returns the final test metrics.
 
-    Leaves in `workdir`: `config.json`, `train.log`, `metrics.jsonl` (fbnet_jax/metrics_log.py),
+    Leaves in `workdir`: `config.json`, `train.log`, `metrics.jsonl` (fbnet_jax/eval/metrics_log.py),
     `checkpoints/` (orbax), `tensorboard/` (event files) and `metrics.json` (flat, the metrics of
     the final evaluators of `config.evals`).
     A work directory with checkpoints is continued from its latest one; a finished run is not

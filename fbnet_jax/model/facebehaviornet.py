@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fbnet_jax.models import backbones
+from fbnet_jax.model import backbones
 
 BACKBONES = {"small_cnn": backbones.SmallCNN, "vgg_face": backbones.VGGFace,
              "resnet50": backbones.ResNet50}

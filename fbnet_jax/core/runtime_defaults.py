@@ -12,7 +12,7 @@ import ctypes
 import os
 import sys
 
-from fbnet_jax.errors import UserError
+from fbnet_jax.core.errors import UserError
 
 # XLA flags this project sets by default, each added to XLA_FLAGS unless XLA_FLAGS already names
 # that flag, so any of them is overridden by giving it. XLA reads XLA_FLAGS when its first

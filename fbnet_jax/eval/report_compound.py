@@ -1,6 +1,6 @@
-"""The compound-expression section of an evaluation report (fbnet_jax/report.py).
+"""The compound-expression section of an evaluation report (fbnet_jax/eval/report.py).
 
-fbnet_jax/compound.py scores RAF-DB's 11 compound classes with a network never trained on them:
+fbnet_jax/eval/compound.py scores RAF-DB's 11 compound classes with a network never trained on them:
 zero-shot from its AU and expression probabilities, few-shot (k labelled faces per class) from
 its features. Its keys, with P = `{split}/{source}/compound` (docs/paper.md#keys-and-the-command):
 P_count, P_chance_uar, P_zero_shot_{accuracy,uar,macro_f1}, P_zero_shot_{au,expression}_uar,
@@ -11,7 +11,7 @@ P_few_shot_ncm_k{K}_{uar,uar_std,accuracy,accuracy_std} (nearest class mean).
 few-shot keys, its faces and chance, a zero-shot table and a few-shot table. `few_shot_plot`
 draws UAR against k. The split of these keys may differ from the report's (the compound
 evaluation picks its own), so every split in the results is looked at. P_count alone is no
-reason for a section: a network with a compound head reports it too (fbnet_jax/metrics.py).
+reason for a section: a network with a compound head reports it too (fbnet_jax/eval/metrics.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import matplotlib.style
 import numpy as np
 
-from fbnet_jax import report, taxonomy
+from fbnet_jax.eval import report
+from fbnet_jax.core import taxonomy
 
 PLOT_NAME = "compound_few_shot"
 HEADING = "Compound expressions: zero- and few-shot"
@@ -170,7 +171,7 @@ def _draw_panel(ax, results: Mapping[str, Any], split: str, source: str, ks: lis
 
 
 def compound_blocks(results: Mapping[str, Any], plot: report.Plot) -> list[Any]:
-    """The report's compound section (blocks of fbnet_jax/report.py), [] without compound keys.
+    """The report's compound section (blocks of fbnet_jax/eval/report.py), [] without compound keys.
 
     Args:
       results: the evaluation's flat metrics.

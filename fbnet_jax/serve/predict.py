@@ -53,9 +53,9 @@ from PIL import Image
 
 from data_pipelines import pipeline, schema, transforms
 from data_pipelines.sources import base
-from fbnet_jax import taxonomy
-from fbnet_jax.errors import UserError
-from fbnet_jax.inference import InferenceModel
+from fbnet_jax.core import taxonomy
+from fbnet_jax.core.errors import UserError
+from fbnet_jax.serve.inference import InferenceModel
 
 log = logging.getLogger(__name__)
 

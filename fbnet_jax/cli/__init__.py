@@ -1,0 +1,1 @@
+"""The `fbnet` command: the only layer that knows flag names."""

@@ -1,0 +1,1 @@
+"""Measuring: metrics, evaluators, compound expressions, relatedness tables, reports and comparisons."""

@@ -1,0 +1,1 @@
+"""A trained network outside training: inference, export to other runtimes, predict on images."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its stop signals and the whole-config checks."""
