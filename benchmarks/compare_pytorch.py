@@ -1,7 +1,7 @@
 """Train-step throughput of FaceBehaviorNet in JAX and of the same model in PyTorch, side by side.
 
 One process builds each case twice: the project's jitted train step
-(fbnet_jax.train.loop.make_train_step, timed as benchmarks/train_throughput.py does) and an eager
+(fbnet_jax.train.step.make_train_step, timed as benchmarks/train_throughput.py does) and an eager
 PyTorch step of the same network, losses and optimizer. Every repeat times --steps JAX steps,
 then --steps PyTorch steps, each on its own preallocated copy of one random batch, so both sides
 share the machine's load of the moment. The table gives medians over the repeats; JAX/PyTorch is

@@ -1,7 +1,7 @@
 """Compile time and per-device memory of the train step, per backbone and dtype.
 
 For each backbone and dtype, builds the train step as training builds its default (jit) step:
-fbnet_jax.train.loop.make_train_step with the config's loss weights and coupling losses, under
+fbnet_jax.train.step.make_train_step with the config's loss weights and coupling losses, under
 `jax.jit` with the state donated and replicated outputs. It lowers and compiles the step for a
 batch of `--batch_size` examples per device and prints one markdown table:
 
@@ -11,7 +11,7 @@ batch of `--batch_size` examples per device and prints one markdown table:
 Columns: parameters (millions); the seconds of `lower` (tracing to StableHLO) and of `compile`
 (XLA) and their sum, as medians over `--repeats` compilations (the sum's range in brackets);
 then the per-device sizes from XLA's memory analysis of the compiled step, the numbers that
-fbnet_jax.train.loop.memory_line logs at the start of a run, in MiB: arguments (state and batch),
+fbnet_jax.train.profiling.memory_line logs at the start of a run, in MiB: arguments (state and batch),
 outputs (new state and metrics; the donated part reuses the arguments' buffers), temporaries
 (activations kept for the backward pass, gradients, scratch) and generated code (XLA's CPU
 backend reports 0 for it).

@@ -29,8 +29,8 @@ JAX's variables are already in memory; restoring them from a checkpoint is timed
 
 End to end: whole processes, wall seconds, medians (range) over `--predict_repeats` rounds after
 one untimed warm-up run, the processes of a round taken in turn:
-  imports alone     `python -c "import fbnet_jax.cli.main, fbnet_jax.serve.predict"` (jax, flax, orbax,
-                    OpenCV, grain): the part of the start-up that is not the network's;
+  imports alone     `python -c "import fbnet_jax.cli.main, fbnet_jax.serve.predict"` (jax, flax,
+                    orbax, OpenCV, grain): the part of the start-up that is not the network's;
   1 image           `fbnet predict --no-detect` on a folder of 1 synthetic face crop (PNG, the
                     model's size), with a checkpoint of the fresh state written by
                     `checkpointing.save`; the lone image is padded to a batch of 32 (the

@@ -1,6 +1,6 @@
 """Train-step throughput of FaceBehaviorNet, on whatever devices JAX sees.
 
-Times the real jitted train step (fbnet_jax.train.loop.make_train_step, all three task losses) on a
+Times the real jitted train step (fbnet_jax.train.step.make_train_step, all three task losses) on a
 device-resident batch, so the numbers are the model's, not the input pipeline's (see
 benchmarks/input_pipeline.py for that). Prints one table row per case:
 

@@ -48,7 +48,7 @@ def _synthetic_source(*, weight, seed, num_records, image_size, expression, va, 
         test_size=test_size,       # examples of the (fully labelled) test split
     )
     return ConfigDict(dict(
-        kind="synthetic",          # source type: data_pipelines.pipeline.build_source dispatches on it
+        kind="synthetic",          # source type: pipeline.build_source dispatches on it
         weight=weight,             # mixture weight of this source in training batches
         cache=cache,               # render each face once, not once per epoch (kept where
                                    # data.render_cache_dir says); the same records either way
@@ -224,7 +224,7 @@ def get_config(arg: str = ""):
                                          # metric of a periodic evaluator ("" = none)
         best_mode="max",                 # max | min
     ))
-    # The evaluations (fbnet_jax/eval/evaluators.py; fields described there): what is measured on
+    # The evaluations (fbnet_jax/eval/evaluators/; fields described there): what is measured on
     # which split and sources, and when. Sources () = the sources trained on (weight > 0).
     config.evals = ConfigDict(dict(
         # Every 500 steps: the task metrics of the validation splits (and the best checkpoint

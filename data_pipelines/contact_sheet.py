@@ -33,8 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data_pipelines import pipeline, schema
-from data_pipelines import synthetic
+from data_pipelines import pipeline, schema, tiles
 from fbnet_jax.core import config_files, taxonomy
 from fbnet_jax.core.errors import UserError
 
@@ -166,13 +165,13 @@ def draw(batch: Mapping[str, Any], source_names: Sequence[str], aus: Sequence[in
     """Writes the contact sheet of every row of `batch` to the PNG `path`.
 
     Returns:
-      The sheet, uint8 RGB (layout of `synthetic.draw_sheet`, zoom `zoom_for(H)`).
+      The sheet, uint8 RGB (layout of `tiles.draw_sheet`, zoom `zoom_for(H)`).
     """
     images = to_display(batch[schema.IMAGE])
     captions = [tile_caption(batch, row, source_names, aus) for row in range(len(images))]
-    return synthetic.draw_sheet(list(images), captions, path, columns=columns,
-                                zoom=zoom_for(images.shape[1]), min_width=TILE_WIDTH,
-                                min_text_lines=TEXT_LINES)
+    return tiles.draw_sheet(list(images), captions, path, columns=columns,
+                            zoom=zoom_for(images.shape[1]), min_width=TILE_WIDTH,
+                            min_text_lines=TEXT_LINES)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -59,6 +59,7 @@ import numpy as np
 
 from data_pipelines import schema
 from data_pipelines import synthetic
+from data_pipelines import synthetic_look
 from data_pipelines import synthetic_render
 from fbnet_jax.core.errors import UserError
 
@@ -84,9 +85,10 @@ def default_processes() -> int:
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """A hash of what draws the pixels: the generator's and renderer's source, OpenCV, numpy."""
+    """A hash of what draws the pixels: the generator's and renderer's source (its looks too),
+    OpenCV, numpy."""
     digest = hashlib.sha256(f"{FORMAT_VERSION} {cv2.__version__} {np.__version__}".encode())
-    for module in (synthetic, synthetic_render):
+    for module in (synthetic, synthetic_look, synthetic_render):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from data_pipelines import schema
+from fbnet_jax.core import images
 
 # The field that carries an encoded (JPEG/PNG) image until `DecodeImage` replaces it by `image`.
 IMAGE_BYTES = "image_bytes"
@@ -154,7 +155,8 @@ class RandomAugment(grain.transforms.RandomMap):
 class Normalize(grain.transforms.Map):
     """uint8 image -> float32 (x - 128) / 128, the paper's scaling to [-1, 1).
 
-    Only uint8 input is accepted, so a pipeline that normalises twice fails loudly.
+    The scaling is `fbnet_jax.core.images.to_model_input`, the one definition inference and
+    export use too. Only uint8 input is accepted, so a pipeline that normalises twice fails loudly.
     """
 
     def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,8 +164,7 @@ class Normalize(grain.transforms.Map):
         if image.dtype != np.uint8:
             raise ValueError(
                 f"record {_key(record)!r}: Normalize expects a uint8 image, got {image.dtype}")
-        # 1/128 is a power of two, so 0 -> -1, 128 -> 0 and 255 -> 127/128 exactly.
-        return {**record, schema.IMAGE: (image.astype(np.float32) - 128.0) * (1.0 / 128.0)}
+        return {**record, schema.IMAGE: images.to_model_input(image)}
 
 
 class ToMasks(grain.transforms.Map):

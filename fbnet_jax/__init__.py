@@ -1,4 +1,4 @@
-"""FaceBehaviorNet in JAX. `fbnet_jax.Predictor` runs a trained network (fbnet_jax/serve/predict.py).
+"""FaceBehaviorNet in JAX. `fbnet_jax.Predictor` runs a trained network (serve/predict.py).
 
 Importing the package changes nothing in the process. The XLA flags, malloc settings and CPU
 dispatch mode that `fbnet` runs with are set by `fbnet_jax.core.runtime_defaults.apply()`, which a

@@ -191,4 +191,4 @@ def test_a_kill_inside_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                             jax.tree.leaves(expected_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                      err_msg=checkpointing.path_name(path))
+                                      err_msg=jax.tree_util.keystr(path))

@@ -6,7 +6,8 @@ import pytest
 from conftest import load_config
 from data_pipelines import pipeline
 from fbnet_jax.runtime import checkpointing
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
+from fbnet_jax.config import restart
 from fbnet_jax.eval import metrics
 from fbnet_jax.core.errors import ConfigError
 
@@ -141,8 +142,8 @@ def test_metric_names_are_exactly_the_keys_of_a_fully_labelled_evaluation(tiny_c
 def test_differences_of_nested_configs():
     before = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     after = {"a": {"b": 2, "c": [1, 2]}, "e": 3, "d": "x"}
-    assert config_checks.differences(before, after) == [("a.b", 1, 2), ("e", "<absent>", 3)]
-    assert config_checks.differences(before, before) == []
+    assert restart.differences(before, after) == [("a.b", 1, 2), ("e", "<absent>", 3)]
+    assert restart.differences(before, before) == []
 
 
 # --- restarts -------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_sources_saved_before_prepared_image_size_and_cache_restart(tiny_config,
     with config.unlocked():
         config.data.sources.faces = pipeline.prepared_source("manifest", str(tmp_path))
     config.data.sources.affectnet_like.cache = True
-    saved = config_checks.as_plain(config)
+    saved = restart.as_plain(config)
     del saved["data"]["sources"]["faces"]["prepared_image_size"]
     assert "prepared_image_size" not in saved["data"]["sources"]["affectnet_like"]
     restored = checkpointing.config_from_json(saved)
@@ -223,7 +224,7 @@ def test_sources_saved_before_prepared_image_size_and_cache_restart(tiny_config,
 
 def test_a_run_saved_before_co_annotation_targets_restarts_with_the_hard_rule(tiny_config):
     # Runs saved before the field trained co-annotation with target 1 weighted by the table.
-    saved = config_checks.as_plain(tiny_config)
+    saved = restart.as_plain(tiny_config)
     del saved["loss"]["co_annotation"]
     restored = checkpointing.config_from_json(saved)
     assert restored.loss.co_annotation.au_targets == "hard"

@@ -17,7 +17,7 @@ from fbnet_jax.core.errors import ConfigError, UserError
 
 # The exception classes of fbnet_jax and data_pipelines that are not UserErrors, and why.
 INTERNAL = {
-    "fbnet_jax.train.loop.TrainingStopped":
+    "fbnet_jax.train.signals.TrainingStopped":
         "not an error but the stop the user asked for (a signal, train.stop_after_steps): "
         "train_and_evaluate logs its line (into train.log too) and fbnet exits 75 without an "
         "error line",

@@ -1,4 +1,4 @@
-"""The evaluators of a config (fbnet_jax/eval/evaluators.py) and their runs (fbnet_jax/eval/evaluate.py)."""
+"""The evaluators of a config (fbnet_jax/eval/evaluators/) and their runs (fbnet_jax/eval/evaluate.py)."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ from conftest import REPO, train_tiny_run
 from data_pipelines import pipeline
 from fbnet_jax.runtime import checkpointing
 from fbnet_jax.eval import compound, evaluate, evaluators, metrics
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
 from fbnet_jax.core import taxonomy
 
 AUS = (1, 2)

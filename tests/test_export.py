@@ -16,7 +16,7 @@ import pytest
 
 from conftest import load_config, run_isolated, train_tiny_run
 from fbnet_jax.core.version import __version__
-from fbnet_jax.serve import export
+from fbnet_jax.serve import export, export_formats
 from fbnet_jax.core import taxonomy
 from fbnet_jax.runtime import state as state_lib
 from fbnet_jax.core.errors import UserError
@@ -206,13 +206,13 @@ def test_load_safetensors_refuses_files_that_are_not_an_export_of_the_network(mo
 
 
 def test_an_artefact_that_fails_the_parity_check_is_not_written(model, monkeypatch, tmp_path):
-    good = export._FORMATS["stablehlo"]  # pylint: disable=protected-access
+    good = export_formats.FORMAT_SPECS["stablehlo"]
 
     def load_shifted(path, graph_model):
         run = good.load(path, graph_model)
         return lambda x: {**run(x), "va": np.asarray(run(x)["va"]) + 1e-3}
 
-    monkeypatch.setitem(export._FORMATS, "stablehlo",  # pylint: disable=protected-access
+    monkeypatch.setitem(export_formats.FORMAT_SPECS, "stablehlo",
                         dataclasses.replace(good, load=load_shifted))
     with pytest.raises(export.ParityError) as e:
         export.export(model, "stablehlo", tmp_path / "model.stablehlo")

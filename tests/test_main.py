@@ -331,7 +331,7 @@ def test_restarts_and_eval_of_a_run(tmp_path):
 
 
 def test_relatedness_command_writes_a_table_and_refuses_mistakes_in_one_line(tmp_path):
-    from fbnet_jax.eval import relatedness  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.core import relatedness as tables  # pylint: disable=g-import-not-at-top
     from fbnet_jax.core import taxonomy  # pylint: disable=g-import-not-at-top
     table = tmp_path / "table.json"
     tiny = ["relatedness", "--config", "configs/synthetic.py:tiny"]
@@ -343,7 +343,7 @@ def test_relatedness_command_writes_a_table_and_refuses_mistakes_in_one_line(tmp
     assert out.rstrip().splitlines()[-1].endswith(
         f"wrote {table} ({estimated} of 119 entries estimated); train with it: "
         f"--config.loss.relatedness={table}")
-    loaded = relatedness.load(str(table), taxonomy.AUS)
+    loaded = tables.load(str(table), taxonomy.AUS)
     assert loaded.source.startswith(
         f"{table}: P(AU active | expression) counted on the training split of config "
         f"'synthetic_tiny': affwild2_like (200 examples), at most 200 per source")

@@ -144,7 +144,8 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     results = _finish(processes)
     assert [status for status, _ in results] == [75, 75], results[0][1][-3000:]
     [step] = checkpointing.saved_steps(tmp_path)
-    assert 1 <= step < 3000
+    # Agreed where a step is logged: between two, no process waits for the others.
+    assert 100 <= step < 3000 and step % 100 == 0
     assert (f"stopped at step {step} of 3000 (a stop on another process); checkpoint saved"
             in log_file.read_text())
     assert "WARNING: SIGTERM received: saving a checkpoint and stopping" in results[1][1]

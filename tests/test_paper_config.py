@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, load_config
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
 from fbnet_jax.train import loop as train
 
 

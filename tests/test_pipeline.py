@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from data_pipelines import mixture
 from data_pipelines import pipeline
 from data_pipelines import schema
+from data_pipelines import source_build
 from data_pipelines import transforms
 from fbnet_jax.core import taxonomy
 
@@ -53,8 +55,9 @@ class ToySource:
 
 @pytest.fixture(autouse=True)
 def toy_kind(monkeypatch):
-    """Makes `pipeline.build_source` build ToySource for sources of kind "toy"."""
-    real = pipeline.build_source
+    """Makes `source_build.build_source` (what the train and eval batches call) build ToySource
+    for sources of kind "toy"."""
+    real = source_build.build_source
 
     def build_source(name, source_config, *, split, aus, source_index, **render_cache):
         if source_config.kind != "toy":
@@ -65,7 +68,7 @@ def toy_kind(monkeypatch):
         return ToySource(name, source_index, size, split=split, expression=toy.expression,
                          va=toy.va, label_aus=toy.label_aus, encoded=toy.encoded)
 
-    monkeypatch.setattr(pipeline, "build_source", build_source)
+    monkeypatch.setattr(source_build, "build_source", build_source)
 
 
 def toy(weight=1.0, num_records=40, test_size=10, expression=True, va=True, label_aus=None,
@@ -158,7 +161,7 @@ def test_mixture_proportions_and_source_counts():
         counts = sum(pipeline.source_counts(b, 2) for b in take(it, 20))
     assert counts.sum() == 2000
     assert abs(counts[0] / 2000 - 0.75) < 0.02
-    np.testing.assert_allclose(pipeline.mixture_weights(config.data), [0.75, 0.25])
+    np.testing.assert_allclose(mixture.mixture_weights(config.data), [0.75, 0.25])
 
 
 def test_zero_weight_source_is_not_trained_on_but_keeps_its_index():
@@ -194,7 +197,10 @@ def test_a_process_reads_only_its_rows(monkeypatch):
     # 100 records: the 6 batches (48 rows) read here stay within one epoch, so process 0's
     # rows and process 1's rows are different records.
     config = make_config({"a": toy(num_records=100)}, augment=False)
-    index = lambda batches: [int(k.rsplit("/", 1)[1]) for b in batches for k in b["key"]]  # noqa: E731
+
+    def index(batches):
+        return [int(k.rsplit("/", 1)[1]) for b in batches for k in b["key"]]
+
     zeros = index(_batches(config, 0, 2, 6))
     read = []
     original, original_init = ToySource.__getitem__, ToySource.__init__
@@ -260,7 +266,7 @@ def test_no_source_replays_anothers_order_an_epoch_later():
         assert sorted(order[:40]) == sorted(order[40:80]) == list(range(40))  # epochs
         assert order[:40] != order[40:80]  # reshuffled
     assert alpha[40:80] != beta[:40] and beta[40:80] != alpha[:40]
-    assert pipeline.shuffle_seed(0, "alpha") != pipeline.shuffle_seed(1, "alpha")
+    assert mixture.shuffle_seed(0, "alpha") != mixture.shuffle_seed(1, "alpha")
 
 
 def test_worker_processes_change_where_the_work_runs_not_what_comes_out():

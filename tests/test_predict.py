@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from data_pipelines import synthetic_render
 from data_pipelines.sources import base
-from fbnet_jax.serve import predict
+from fbnet_jax.serve import media, predict
 from fbnet_jax.core import taxonomy
 from fbnet_jax.core.errors import UserError
 from conftest import train_tiny_run
@@ -201,7 +201,7 @@ def test_video_frames_with_a_stride(predictor, tmp_path, caplog):
     # Frames come out RGB, every one with stride 1.
     colour = np.array([200, 30, 60], np.uint8)
     _write_video(tmp_path / "red.avi", [np.full((32, 48, 3), colour, np.uint8)] * 5)
-    read = list(predict.read_video(tmp_path / "red.avi"))
+    read = list(media.read_video(tmp_path / "red.avi"))
     assert [index for index, _ in read] == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(read[0][1].mean(axis=(0, 1)), colour, atol=8)
 
@@ -230,7 +230,7 @@ def test_exif_orientation_is_applied_as_pil_does(tmp_path, orientation):
     Image.fromarray(image).save(path, exif=exif)
     with Image.open(path) as stored:
         expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
-    np.testing.assert_array_equal(predict.read_image(path), expected)
+    np.testing.assert_array_equal(media.read_image(path), expected)
 
 
 def test_run_command_writes_csv_and_jsonl(workdir, predictor, tmp_path, caplog):

@@ -17,6 +17,7 @@ from data_pipelines import pipeline
 from data_pipelines import schema
 from data_pipelines import synthetic
 from fbnet_jax.eval import relatedness
+from fbnet_jax.core import relatedness as tables
 from fbnet_jax.core import taxonomy
 from fbnet_jax.core.errors import ConfigError, UserError
 
@@ -89,7 +90,7 @@ LISTS = dict(lab=1.0, expressions=0.5, unweighted=0.0)
 
 
 def test_du2014_is_the_taxonomy_table():
-    table = relatedness.load("du2014", taxonomy.AUS)
+    table = tables.load("du2014", taxonomy.AUS)
     np.testing.assert_array_equal(table.matrix, taxonomy.basic_relatedness(taxonomy.AUS))
     np.testing.assert_array_equal(table.prototypical,
                                   taxonomy.prototypical_mask(taxonomy.EXPRESSIONS, taxonomy.AUS))
@@ -102,8 +103,8 @@ def test_du2014_is_the_taxonomy_table():
 
 def test_du2014_projected_onto_a_shorter_reordered_au_list():
     aus = (25, 12, 14)
-    table = relatedness.load("du2014", aus)
-    full = relatedness.load("du2014", taxonomy.AUS)
+    table = tables.load("du2014", aus)
+    full = tables.load("du2014", taxonomy.AUS)
     columns = [taxonomy.AUS.index(a) for a in aus]
     np.testing.assert_array_equal(table.matrix, full.matrix[:, columns])
     np.testing.assert_array_equal(table.prototypical, full.prototypical[:, columns])
@@ -188,7 +189,7 @@ def test_estimate_recovers_the_generators_probabilities(built, tiny_config):
     worst = np.unravel_index(np.argmax(error / tolerance), error.shape)
     assert (error <= tolerance).all(), (worst, est.matrix[worst], truth[worst])
     # A table of 17 AUs stays within 100 columns.
-    text = relatedness.format_table(est, relatedness.load("du2014", taxonomy.AUS))
+    text = relatedness.format_table(est, tables.load("du2014", taxonomy.AUS))
     assert max(len(line) for line in text.splitlines()) <= 100, text
 
 
@@ -204,7 +205,7 @@ def test_write_then_load(built, tmp_path, monkeypatch):
     assert "    [0.6667, 0.5, null]," in path.read_text().splitlines()   # a row per line
     assert list(tmp_path.iterdir()) == [path]          # no temporary file left
 
-    table = relatedness.load(str(path), (4, 2))         # shorter and reordered
+    table = tables.load(str(path), (4, 2))         # shorter and reordered
     assert table.aus == (4, 2)
     expected = np.zeros((7, 2), np.float32)
     expected[HAPPINESS] = [0, 0.5]                     # null -> 0
@@ -214,7 +215,7 @@ def test_write_then_load(built, tmp_path, monkeypatch):
 
     # Prototypical entries survive the round trip.
     est = relatedness.estimate(list_config(**LISTS), min_count=1)
-    table = relatedness.load(str(relatedness.write(est, path)), AUS)
+    table = tables.load(str(relatedness.write(est, path)), AUS)
     np.testing.assert_array_equal(table.prototypical, est.prototypical)
     np.testing.assert_allclose(table.matrix, np.nan_to_num(est.matrix), atol=5e-5)
 
@@ -283,7 +284,7 @@ def test_loader_errors_name_the_field_and_the_file(tmp_path, text, message):
     path = tmp_path / "table.json"
     path.write_text(text)
     with pytest.raises(ConfigError) as error:
-        relatedness.load(str(path), (1, 2))
+        tables.load(str(path), (1, 2))
     separator = " " if message.startswith("is not") else ""
     assert str(error.value) == f"invalid config: loss.relatedness: {path}{separator}{message}"
 
@@ -291,10 +292,10 @@ def test_loader_errors_name_the_field_and_the_file(tmp_path, text, message):
 def test_loader_accepts_the_valid_table_and_refuses_a_missing_file(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(_edited())
-    table = relatedness.load(str(path), (4, 1))
+    table = tables.load(str(path), (4, 1))
     np.testing.assert_array_equal(table.matrix[0], [1, 0.5])
     assert table.source == f"{path}: by hand"   # the AUs used have no null entry
-    table = relatedness.load(str(path), (1, 2))
+    table = tables.load(str(path), (1, 2))
     np.testing.assert_array_equal(table.matrix[0], [0.5, 0])
     assert table.source == f"{path}: by hand; 7 entries without data set to 0"
     for spec, message in (
@@ -307,13 +308,13 @@ def test_loader_accepts_the_valid_table_and_refuses_a_missing_file(tmp_path):
             (None, "expected 'du2014' or the path of a table written by `fbnet relatedness`, "
                    "got None")):
         with pytest.raises(ConfigError) as error:
-            relatedness.load(spec, (1, 2))
+            tables.load(spec, (1, 2))
         assert str(error.value) == f"invalid config: loss.relatedness: {message}"
 
 
 def test_format_table_marks_unestimated_and_prototypical_entries(built):
     est = relatedness.estimate(list_config(**LISTS), min_count=2)
-    text = relatedness.format_table(est, relatedness.load("du2014", AUS))
+    text = relatedness.format_table(est, tables.load("du2014", AUS))
     assert text.splitlines() == [
         "est: P(AU active | expression) counted on the training data, from n examples of the "
         "expression;",
@@ -336,10 +337,10 @@ def test_format_table_marks_unestimated_and_prototypical_entries(built):
         "largest differences: Happiness AU1 0.67 vs 0.00; Happiness AU2 0.50 vs 0.00",
     ]
     est = relatedness.estimate(list_config(**LISTS), min_count=1)
-    text = relatedness.format_table(est, relatedness.load("du2014", AUS))
+    text = relatedness.format_table(est, tables.load("du2014", AUS))
     assert "Anger     est 0.00 0.00 1.00*" in text.splitlines()
     with pytest.raises(ValueError, match="are not the estimate's"):
-        relatedness.format_table(est, relatedness.load("du2014", (4, 2, 1)))
+        relatedness.format_table(est, tables.load("du2014", (4, 2, 1)))
 
 
 def test_run_command_checks_out_first_then_logs_and_writes(built, tmp_path, caplog):
@@ -354,9 +355,9 @@ def test_run_command_checks_out_first_then_logs_and_writes(built, tmp_path, capl
         assert str(error.value) == message
     assert not built   # nothing was read
     out = tmp_path / "t.json"
-    with caplog.at_level(logging.INFO, logger="fbnet_jax.relatedness"):
+    with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.relatedness"):
         est = relatedness.run_command(list_config(**LISTS), str(out), min_count=2)
-    assert relatedness.load(str(out), AUS).source.startswith(f"{out}: {est.description}")
+    assert tables.load(str(out), AUS).source.startswith(f"{out}: {est.description}")
     messages = [r.getMessage() for r in caplog.records]
     assert messages[:2] == ["not used: expressions labels both on none of the 2 examples read "
                             "(2 with an expression, 0 with AUs)",

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import first_batch
 from data_pipelines import pipeline, render_cache, schema, synthetic
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
 from fbnet_jax.core.errors import ConfigError, UserError
 
 SPEC = synthetic.SyntheticSpec(num_records=30, image_size=24, seed=5, video_frames=4,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fbnet_jax.runtime import checkpointing, parallel
 from fbnet_jax.eval import compare, evaluate, metrics_log, report
-from fbnet_jax.eval import report_compound
+from fbnet_jax.eval import report_compound, report_plots, report_tables
 from fbnet_jax.core import taxonomy
 from fbnet_jax.train import loop as train
 from fbnet_jax.runtime import state as state_lib
@@ -55,8 +55,9 @@ RESULTS = {
     "test/b/va_mean_ccc": 0.0625,
 }
 
-# The keys of fbnet_jax/eval/compound.py's zero- and few-shot evaluations for source "c" of the test split,
-# which labels nothing else: zero-shot and few-shot at k = 1 and 5 (k = 5 listed first).
+# The keys of fbnet_jax/eval/compound.py's zero- and few-shot evaluations for source "c" of the
+# test split, which labels nothing else: zero-shot and few-shot at k = 1 and 5 (k = 5 listed
+# first).
 C = "test/c/compound"
 COMPOUND = {
     f"{C}_count": 48.0, f"{C}_chance_uar": 1 / 11,
@@ -245,7 +246,7 @@ def test_plots_without_data_are_left_out_with_a_reason(tmp_path):
 
 
 def test_confusion_counts_use_the_labelled_real_rows(tmp_path):
-    counts, why = report.confusion_counts({}, "test", _arrays())
+    counts, why = report_plots.confusion_counts({}, "test", _arrays())
     expected = np.zeros((7, 7), np.int64)
     # Rows 0-5 and 7 (row 6 is unlabelled, rows 8-9 are padding): true -> predicted.
     for true, predicted in ((0, 0), (0, 4), (4, 4), (4, 4), (4, 0), (5, 5), (2, 2)):
@@ -254,7 +255,7 @@ def test_confusion_counts_use_the_labelled_real_rows(tmp_path):
     assert why == ""
     # Without predictions, a matrix carried by the results is used.
     carried = {"test/expression_confusion_matrix": expected.tolist()}
-    np.testing.assert_array_equal(report.confusion_counts(carried, "test", None)[0], expected)
+    np.testing.assert_array_equal(report_plots.confusion_counts(carried, "test", None)[0], expected)
 
 
 def test_confusion_counts_are_written_beside_the_plot(tmp_path):
@@ -359,11 +360,12 @@ def test_without_compound_keys_no_section_and_a_stale_plot_is_removed(tmp_path):
 def test_compound_head_table_and_few_shot_ks():
     # A compound head's metrics (fbnet_jax/eval/metrics.py) still get their task table row; a count
     # alone (the compound evaluation's) does not.
-    columns = report.TASK_TABLES[-1][2]
+    columns = report_tables.TASK_TABLES[-1][2]
     head = {"test/c/compound_count": 4.0, "test/c/compound_uar": 0.5}
-    assert report.task_table(head, "test", "compound", columns) == report.Table(
+    assert report_tables.task_table(head, "test", "compound", columns) == report_tables.Table(
         ("subset", "labelled", "accuracy", "UAR", "macro F1"), (("c", "4", "-", "0.5000", "-"),))
-    assert report.task_table({"test/c/compound_count": 4.0}, "test", "compound", columns) is None
+    assert report_tables.task_table({"test/c/compound_count": 4.0}, "test", "compound",
+                                    columns) is None
     # k sorted as numbers, from the linear probe's or the NCM's keys.
     ks = {f"{C}_few_shot_k10_uar": 0.5, f"{C}_few_shot_ncm_k2_uar": 0.5, f"{C}_count": 3.0,
           "test/e/compound_few_shot_k3_uar": 0.5}
@@ -391,7 +393,7 @@ def test_training_curves_from_a_train_log_of_a_run_before_metrics_jsonl(tmp_path
     assert records[1].values == {
         "loss/total": 3.5, "loss/au": 0.7, "loss/expression": 1.9, "loss/va": 0.9,
         "learning_rate": 1e-3, "steps_per_second": 5.0, "examples_per_second": 320.0}
-    assert report.training_curves(records) == TRAIN_CURVES
+    assert report_plots.training_curves(records) == TRAIN_CURVES
 
 
 # --- Comparison of runs -------------------------------------------------------------------------
@@ -551,7 +553,7 @@ def test_report_of_a_tiny_run(tiny_runs, tmp_path):
     _check_pngs(tmp_path / "report", list(PNG_SIZES), paths[1])
     # The curves of the run's records: a logged step per step (log_every 1), the validation
     # after step 1.
-    curves = report.training_curves(metrics_log.read(workdir)[0])
+    curves = report_plots.training_curves(metrics_log.read(workdir)[0])
     assert set(curves) == {"loss/total", "loss/au", "loss/expression", "loss/va",
                            "learning_rate", *(f"validation/{key}" for key, _ in
                                               report.HEADLINE_METRICS)}
@@ -612,7 +614,8 @@ def test_a_run_without_metrics_jsonl_reports_from_its_train_log(tiny_runs, tmp_p
         for name, value in old_record.values.items():
             assert value == pytest.approx(record.values[name], rel=precision.get(name, 0),
                                           abs=0 if name in precision else 5e-5), name
-    assert report.training_curves(migrated).keys() == report.training_curves(records).keys()
+    assert (report_plots.training_curves(migrated).keys()
+            == report_plots.training_curves(records).keys())
     # Continuing such a run writes its train.log's records into metrics.jsonl once.
     with caplog.at_level(logging.INFO, logger="fbnet_jax.eval.metrics_log"):
         with metrics_log.Writer(run, 1):

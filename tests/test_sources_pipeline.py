@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO
 from data_pipelines import pipeline
 from data_pipelines.tfds_builders import prepare
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
 from fbnet_jax.train import loop as train
 from fbnet_jax.core.errors import ConfigError
 

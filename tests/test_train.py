@@ -16,7 +16,8 @@ from conftest import REPO, first_batch
 from data_pipelines import pipeline
 from fbnet_jax.runtime import checkpointing, parallel
 from fbnet_jax.eval import evaluate
-from fbnet_jax.train import loop as train
+from fbnet_jax.train import loop as train, progress, signals
+from fbnet_jax.train.step import coupling_for, make_train_step
 from fbnet_jax.core.errors import ConfigError
 from fbnet_jax.runtime import state as state_lib
 
@@ -27,7 +28,7 @@ def test_one_train_step_changes_params_and_reports_losses(tiny_config):
     tiny_config.optimizer.warmup_steps = 0  # the warm-up starts at learning rate 0
     mesh = parallel.create_mesh()
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
-    step_fn = jax.jit(train.make_train_step(model, tx, tiny_config.loss.weights))
+    step_fn = jax.jit(make_train_step(model, tx, tiny_config.loss.weights))
     batch = parallel.global_batch(first_batch(tiny_config), mesh)
     new_state, step_means = step_fn(state, batch)
     metrics = step_means.compute()
@@ -186,11 +187,11 @@ def test_coupling_off_gives_bit_for_bit_the_plain_step(tiny_config):
     model, tx, _, state = state_lib.create_state(tiny_config, mesh)
     batch = parallel.global_batch(first_batch(tiny_config), mesh)
     assert tiny_config.loss.weights.co_annotation == 0.0  # the shipped configs: couplings off
-    assert train.coupling_for(tiny_config) is None
+    assert coupling_for(tiny_config) is None
     plain = {k: tiny_config.loss.weights[k] for k in ("expression", "au", "va")}
     results = []
     for weights in (plain, tiny_config.loss.weights):
-        step = jax.jit(train.make_train_step(model, tx, weights, train.coupling_for(tiny_config)))
+        step = jax.jit(make_train_step(model, tx, weights, coupling_for(tiny_config)))
         results.append(step(state, batch))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -275,7 +276,7 @@ def test_a_signal_during_the_stop_exchange_counts_at_the_next_exchange(monkeypat
     """The answer is the exchange's: a SIGTERM that lands while the processes exchange their
     flags (the others sent no stop) must not stop this process alone."""
     sent = []
-    stop = train.StopSignals()
+    stop = signals.StopSignals()
 
     def exchange(flag):  # the other processes sent False; the signal arrives meanwhile
         sent.append(flag)
@@ -291,7 +292,7 @@ def test_a_signal_during_the_stop_exchange_counts_at_the_next_exchange(monkeypat
 
 def test_a_stop_on_another_process_stops_this_one(monkeypatch, caplog):
     monkeypatch.setattr(parallel, "any_process", lambda flag: True)
-    stop = train.StopSignals()
+    stop = signals.StopSignals()
     with caplog.at_level(logging.WARNING):
         assert stop.requested() is True and stop.requested() is True
     assert stop.reason == "a stop on another process"
@@ -299,12 +300,67 @@ def test_a_stop_on_another_process_stops_this_one(monkeypatch, caplog):
         "a stop on another process received: saving a checkpoint and stopping"]
 
 
+def test_between_agreements_several_processes_answer_without_an_exchange(monkeypatch):
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(parallel, "any_process", lambda flag: sent.append(flag) or flag)
+    stop = signals.StopSignals()
+    stop._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
+    assert stop.requested(agree=False) is False and sent == []  # counted at the next exchange
+    assert stop.requested() is True and sent == [True]
+    assert stop.requested(agree=False) is True and sent == [True]
+
+
+def test_the_processes_agree_only_where_the_loop_waits_for_the_devices(tiny_config, tmp_path,
+                                                                     monkeypatch):
+    # Logged every 3 steps, checkpointed every 4: an exchange before the first step and after
+    # steps 3, 4, 6, 8 and 9 (the last), none after the others (the final evaluation exchanges
+    # before each of its batches). One process reads its flag after every step all the same.
+    tiny_config.train.num_steps = 9
+    tiny_config.train.log_every = 3
+    tiny_config.train.checkpoint_every = 4
+    tiny_config.evals.validation.every = 0
+    steps, calls = [], []
+    add, requested = progress.Progress.add, signals.StopSignals.requested
+    monkeypatch.setattr(progress.Progress, "add",
+                        lambda self, *args: steps.append(0) or add(self, *args))
+    monkeypatch.setattr(signals.StopSignals, "requested", lambda self, *, agree=True: (
+        calls.append((len(steps), agree)) or requested(self, agree=agree)))
+    train.train_and_evaluate(tiny_config, tmp_path)
+    assert {step for step, agree in calls if agree} == {0, 3, 4, 6, 8, 9}
+    assert {step for step, _ in calls} == set(range(10))
+
+
+def test_one_process_stops_at_the_step_after_a_ctrl_c(tiny_config, tmp_path, monkeypatch):
+    # Neither logged nor checkpointed, step 3 is still where a single process stops.
+    tiny_config.train.num_steps = 10
+    tiny_config.train.log_every = 100
+    tiny_config.train.checkpoint_every = 100
+    tiny_config.evals.validation.every = 0
+    steps = []
+    add = progress.Progress.add
+
+    def add_and_signal(self, *args):
+        add(self, *args)
+        steps.append(0)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(progress.Progress, "add", add_and_signal)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert (stopped.value.step, stopped.value.reason) == (3, "SIGINT")
+    assert len(steps) == 3 and checkpointing.saved_steps(tmp_path) == [3]
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
 _DOUBLE_CTRL_C = r"""
 import os, signal, sys, time
-from fbnet_jax.train import loop as train
+from fbnet_jax.train import signals
 log_file = sys.argv[1]
 open(log_file, "w").close()
-with train.StopSignals(log_file) as stop:
+with signals.StopSignals(log_file) as stop:
     os.kill(os.getpid(), signal.SIGINT)
     while not stop.requested():  # the first press only asks the run to stop
         time.sleep(0.01)

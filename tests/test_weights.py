@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import resnet50_shapes
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.train import checks as config_checks
 from fbnet_jax.runtime import parallel
 from fbnet_jax.runtime import state as state_lib
 from fbnet_jax.core.errors import ConfigError, UserError
-from fbnet_jax.model import FaceBehaviorNet, backbones, weights
+from fbnet_jax.model import FaceBehaviorNet, backbones, state_dicts, weight_files, weights
 
 # VGG-16's 13 convolutions: (name, in channels, out channels), and torchvision's index of each.
 VGG_CONVS = [("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128),
@@ -73,7 +73,7 @@ def vgg_face_dict():
 
 def test_vgg_face_torch_maps_every_key(vgg_face_dict):
     sd = vgg_face_dict
-    out = weights.convert_state_dict(sd, fold_normalization=False)
+    out = state_dicts.convert_state_dict(sd, fold_normalization=False)
     p = out["params"]
     assert out["batch_stats"] == {}
     assert sorted(p) == sorted([c[0] for c in VGG_CONVS] + ["fc6", "fc7"])
@@ -93,8 +93,8 @@ def test_vgg_face_torch_maps_every_key(vgg_face_dict):
 
 def test_torchvision_vgg16_keys():
     sd = numpy_state_dict(vgg_shapes("torchvision_vgg16", grid=7))
-    assert weights.detect_layout(sd) == "torchvision_vgg16"
-    p = weights.convert_state_dict(sd, fold_normalization=False)["params"]
+    assert state_dicts.detect_layout(sd) == "torchvision_vgg16"
+    p = state_dicts.convert_state_dict(sd, fold_normalization=False)["params"]
     np.testing.assert_array_equal(p["conv5_3"]["kernel"],
                                   sd["features.28.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(p["conv2_1"]["bias"], sd["features.5.bias"])
@@ -104,8 +104,8 @@ def test_torchvision_vgg16_keys():
 
 def test_torchvision_resnet50_keys():
     sd = numpy_state_dict(resnet50_shapes())
-    assert weights.detect_layout(sd) == "torchvision_resnet50"
-    out = weights.convert_state_dict(sd, fold_normalization=False)
+    assert state_dicts.detect_layout(sd) == "torchvision_resnet50"
+    out = state_dicts.convert_state_dict(sd, fold_normalization=False)
     p, s = out["params"], out["batch_stats"]
     np.testing.assert_array_equal(p["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(p["layer2_0"]["downsample_0"]["kernel"],
@@ -118,7 +118,7 @@ def test_torchvision_resnet50_keys():
     used = sum(v.size for v in jax.tree.leaves(p))
     assert used == 23_508_032  # every parameter of ResNet50 (docs/design.md)
     module_prefixed = {f"module.{k}": v for k, v in sd.items()}  # nn.DataParallel's keys
-    assert weights.detect_layout(module_prefixed) == "torchvision_resnet50"
+    assert state_dicts.detect_layout(module_prefixed) == "torchvision_resnet50"
 
 
 def test_missing_unexpected_and_misshapen_keys_are_named(vgg_face_dict):
@@ -127,7 +127,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(vgg_face_dict):
     sd["conv6_1.weight"] = np.zeros((1,), np.float32)
     sd["conv2_1.weight"] = np.zeros((128, 63, 3, 3), np.float32)
     with pytest.raises(UserError) as e:
-        weights.convert_state_dict(sd, source="face.pth")
+        state_dicts.convert_state_dict(sd, source="face.pth")
     message = str(e.value)
     assert message.startswith("face.pth: not a vgg_face_torch state_dict: ")
     assert ("conv2_1.weight has shape [128, 63, 3, 3], but params/conv2_1/kernel of the "
@@ -140,15 +140,15 @@ def test_missing_unexpected_and_misshapen_keys_are_named(vgg_face_dict):
 def test_layout_detection_errors():
     with pytest.raises(UserError, match="cannot tell its layout from its keys .*known layouts "
                                         r"\(and a key each has\): vgg_face_torch"):
-        weights.detect_layout({"encoder.weight": 0}, "x.pth")
+        state_dicts.detect_layout({"encoder.weight": 0}, "x.pth")
     with pytest.raises(UserError, match="vgg16_bn"):
-        weights.detect_layout({"features.0.weight": 0, "features.1.running_mean": 0})
+        state_dicts.detect_layout({"features.0.weight": 0, "features.1.running_mean": 0})
     with pytest.raises(UserError, match="unknown layout 'vgg19'"):
-        weights.convert_state_dict({}, "vgg19")
+        state_dicts.convert_state_dict({}, "vgg19")
     bad = numpy_state_dict(vgg_shapes("vgg_face_torch", grid=2))
     bad["fc6.weight"] = np.zeros((FC, 1000), np.float32)
     with pytest.raises(UserError, match="fc6.weight takes 1000 inputs, not 512 x g x g"):
-        weights.convert_state_dict(bad)
+        state_dicts.convert_state_dict(bad)
 
 
 def _conv(x, kernel, bias=None):
@@ -160,9 +160,9 @@ def _conv(x, kernel, bias=None):
 @pytest.mark.parametrize("layout", ["vgg_face_torch", "torchvision_resnet50"])
 def test_folded_normalization_takes_minus_one_to_one(layout, vgg_face_dict):
     sd = vgg_face_dict if layout == "vgg_face_torch" else numpy_state_dict(resnet50_shapes())
-    raw = weights.convert_state_dict(sd, layout, fold_normalization=False)
-    folded = weights.convert_state_dict(sd, layout)
-    spec = weights.LAYOUTS[layout]
+    raw = state_dicts.convert_state_dict(sd, layout, fold_normalization=False)
+    folded = state_dicts.convert_state_dict(sd, layout)
+    spec = state_dicts.LAYOUTS[layout]
     x = np.random.default_rng(2).uniform(-1, 1, (1, 12, 12, 3)).astype(np.float32)
     pixels = (x + 1) / 2 * spec.pixel_max
     normalized = (pixels - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
@@ -214,14 +214,14 @@ def test_converted_file_round_trip(tmp_path, suffix, caplog):
         assert weights.run_command(str(raw), str(out)) == 0
     assert "converted" in caplog.text and "--config.model.init_from=" in caplog.text
     assert "dropped: bn1.num_batches_tracked" in caplog.text
-    variables, meta = weights.load_converted(out)
+    variables, meta = weight_files.load_converted(out)
     assert meta == {"format": 1, "backbone": "resnet50", "layout": "torchvision_resnet50",
                     "source": raw.name, "input": "[-1, 1]", "fc6_grid": None,
                     "fc6_adaptive_pool": False}
-    want = weights.convert_state_dict(sd)
+    want = state_dicts.convert_state_dict(sd)
     jax.tree.map(np.testing.assert_array_equal, variables, want)
     # The raw file converts on the fly to the same variables.
-    on_the_fly, _ = weights.load_converted(raw)
+    on_the_fly, _ = weight_files.load_converted(raw)
     jax.tree.map(np.testing.assert_array_equal, on_the_fly, want)
 
 
@@ -242,10 +242,10 @@ def test_run_command_errors(tmp_path, vgg_face_dict):
     with pytest.raises(UserError, match="already converted"):
         weights.run_command(str(tmp_path / "x.npz"), str(tmp_path / "y.npz"))
     with pytest.raises(UserError, match="no such file"):
-        weights.read_file(tmp_path / "absent.npz")
+        weight_files.read_file(tmp_path / "absent.npz")
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="broken.npz: not a readable .npz file"):
-        weights.read_file(tmp_path / "broken.npz")
+        weight_files.read_file(tmp_path / "broken.npz")
 
 
 def test_torch_file_without_torch_is_one_line(tmp_path, monkeypatch):
@@ -253,7 +253,7 @@ def test_torch_file_without_torch_is_one_line(tmp_path, monkeypatch):
     path.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(UserError) as e:
-        weights.read_file(path)
+        weight_files.read_file(path)
     assert "\n" not in str(e.value)
     assert "reading a PyTorch file needs torch: pip install 'fbnet_jax[torch]'" in str(e.value)
 
@@ -287,7 +287,7 @@ def test_create_state_loads_the_backbone_and_keeps_heads_fresh(tiny_config, conv
     assert ("loaded all 30 params and 0 batch_stats leaves of the backbone (conv1_1, conv1_2, "
             "conv2_1") in caplog.text
     assert "fc6, fc7); heads fresh: au_head, expression_head, va_head" in caplog.text
-    variables, _ = weights.load_converted(converted_vgg)
+    variables, _ = weight_files.load_converted(converted_vgg)
     jax.tree.map(np.testing.assert_array_equal, state.params["backbone"], variables["params"])
     # init_from=False (a restart, which restores a checkpoint next) does not read the file.
     config.model.init_from = str(tmp_path / "absent.npz")
@@ -310,8 +310,8 @@ def test_fc6_grid_mismatch(tiny_config, converted_vgg, tmp_path):
             "1x1x512; set data.image_size to 64, or convert with `fbnet convert-weights "
             "--fc6_adaptive_pool`") in str(e.value)
     pooled = tmp_path / "pooled.npz"
-    variables, meta = weights.load_converted(converted_vgg)
-    weights.save_converted(variables, dict(meta, fc6_adaptive_pool=True), pooled)
+    variables, meta = weight_files.load_converted(converted_vgg)
+    weight_files.save_converted(variables, dict(meta, fc6_adaptive_pool=True), pooled)
     fitted = weights.load_init_from(pooled, model, 32, "vgg_face")
     # A 1x1 map pooled adaptively to 2x2 is copied into all four cells: fc6 sums their rows.
     k = variables["params"]["fc6"]["kernel"].reshape(4, 512, FC).sum(axis=0)
@@ -469,7 +469,7 @@ def _parity(torch, module, backbone, kwargs, size, meta=None):
     x = np.random.default_rng(4).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
     with torch.no_grad():
         want = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    converted = weights.convert_state_dict(module.state_dict(), fold_normalization=False)
+    converted = state_dicts.convert_state_dict(module.state_dict(), fold_normalization=False)
     model = FaceBehaviorNet(backbone=backbone, backbone_kwargs=kwargs, num_aus=3)
     # Shapes only (a real init of a VGG or ResNet-50 takes long on CPU); heads are zeros.
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(x)))
@@ -521,11 +521,11 @@ def test_pth_file_converts_like_the_state_dict(tmp_path):
     torch.save({"state_dict": module.state_dict(), "epoch": 3}, path)
     out = tmp_path / "vgg_face.safetensors"
     assert weights.run_command(str(path), str(out), backbone="vgg_face") == 0
-    variables, meta = weights.load_converted(out)
+    variables, meta = weight_files.load_converted(out)
     assert meta["layout"] == "vgg_face_torch" and meta["fc6_grid"] == 2
     jax.tree.map(np.testing.assert_array_equal, variables,
-                 weights.convert_state_dict(module.state_dict()))
+                 state_dicts.convert_state_dict(module.state_dict()))
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a module, not a state_dict
     with pytest.raises(UserError, match="module.pth: not a PyTorch state_dict that loads with "
                                         "weights_only=True"):
-        weights.read_file(tmp_path / "module.pth")
+        weight_files.read_file(tmp_path / "module.pth")

@@ -1,4 +1,4 @@
-"""Grain worker processes that die (data_pipelines/workers.py).
+"""Grain worker processes that die (data_pipelines/workers.py, data_pipelines/reading_board.py).
 
 The deaths run in a fresh interpreter (`run_isolated`): a worker of the tiny synthetic config
 ends itself while reading a record, and the script reports what `next()` raised, and when. The
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import run_isolated
-from data_pipelines import workers
+from data_pipelines import reading_board, workers
 
 # The training script of the death tests. argv: how the worker ends ("kill": SIGKILL,
 # "exit0": exit status 0, which grain 0.2.18 waits on forever; "raise": a Python exception,
@@ -27,7 +27,7 @@ import importlib.util, json, multiprocessing, os, signal, sys, threading, time
 from absl import flags
 flags.FLAGS.mark_as_parsed()
 import grain
-from data_pipelines import pipeline
+from data_pipelines import pipeline, source_build
 
 MODE, NOTE_DIR = sys.argv[1], sys.argv[2]
 BOUND_S = 120  # a hang: report it, stop this script's workers and fail
@@ -70,11 +70,11 @@ def give_up():
     os._exit(3)
 
 
-real_build_source = pipeline.build_source
+real_build_source = source_build.build_source
 def build_source(name, *args, **kwargs):
     source = real_build_source(name, *args, **kwargs)
     return DiesAtItsFifthRead(source) if name == "rafdb_like" else source
-pipeline.build_source = build_source
+source_build.build_source = build_source
 
 spec = importlib.util.spec_from_file_location("config", "configs/synthetic.py")
 module = importlib.util.module_from_spec(spec)
@@ -169,62 +169,62 @@ class Source:
 @pytest.fixture
 def as_worker(monkeypatch):
     """This process as worker 1 of 2 (two read threads each); yields the main process's board."""
-    board = workers.ReadingBoard(2, 2)
-    monkeypatch.setattr(workers, "_worker_board", None)  # restored after the test
+    board = reading_board.ReadingBoard(2, 2)
+    monkeypatch.setattr(reading_board, "_worker_board", None)  # restored after the test
     pickle.loads(pickle.dumps(board)).attach(1)  # what grain's worker gets: a pickled copy
     yield board
     board.close()
 
 
 def test_reads_outside_a_worker_are_the_sources_own():
-    noted = workers.Noted(Source(), "toy")
+    noted = reading_board.Noted(Source(), "toy")
     assert noted[3]["key"] == "toy/3"
     assert len(noted) == 10 and noted.name == "toy"
     np.testing.assert_array_equal(noted.expression_labels, np.arange(10))
     assert noted.labels(4) == {"key": "toy/4"}
-    assert getattr(workers.Noted(Source(with_labels=False), "t"), "labels", None) is None
+    assert getattr(reading_board.Noted(Source(with_labels=False), "t"), "labels", None) is None
 
 
 def test_a_worker_notes_each_read_before_it_happens(as_worker):
     board = as_worker
     assert board.pid(1) == os.getpid() and board.pid(0) == 0
     assert board.readings(0) == () and board.readings(1) == ()
-    workers.Noted(Source(), "toy")[3]
-    assert board.readings(1) == (workers.Reading("toy", 3, "toy/3", read=True),)
+    reading_board.Noted(Source(), "toy")[3]
+    assert board.readings(1) == (reading_board.Reading("toy", 3, "toy/3", read=True),)
     # A read that fails is still the thread's record: it was noted first, without its key.
     with pytest.raises(OSError):
-        workers.Noted(Source(fail=True), "failing")[7]
-    assert board.readings(1) == (workers.Reading("failing", 7, "", read=False),)
+        reading_board.Noted(Source(fail=True), "failing")[7]
+    assert board.readings(1) == (reading_board.Reading("failing", 7, "", read=False),)
     # The key is the record's: a source that read another row tells which.
-    workers.Noted(Source(shift=1), "toy")[2]
-    assert board.readings(1) == (workers.Reading("toy", 2, "toy/3", read=True),)
+    reading_board.Noted(Source(shift=1), "toy")[2]
+    assert board.readings(1) == (reading_board.Reading("toy", 2, "toy/3", read=True),)
     assert board.readings(0) == ()
 
 
 def test_the_key_of_a_record_whose_read_died_comes_from_the_labels():
-    assert workers.Noted(Source(), "toy").key_of(7) == "toy/7"
-    assert workers.Noted(Source(with_labels=False), "bare").key_of(7) == ""
+    assert reading_board.Noted(Source(), "toy").key_of(7) == "toy/7"
+    assert reading_board.Noted(Source(with_labels=False), "bare").key_of(7) == ""
 
 
 def test_each_read_thread_has_its_own_slot(as_worker):
     board = as_worker
-    workers.Noted(Source(), "toy")[1]
-    thread = threading.Thread(target=lambda: workers.Noted(Source(), "other")[8])
+    reading_board.Noted(Source(), "toy")[1]
+    thread = threading.Thread(target=lambda: reading_board.Noted(Source(), "other")[8])
     thread.start()
     thread.join()
-    assert board.readings(1) == (workers.Reading("toy", 1, "toy/1", read=True),
-                                 workers.Reading("other", 8, "toy/8", read=True))
+    assert board.readings(1) == (reading_board.Reading("toy", 1, "toy/1", read=True),
+                                 reading_board.Reading("other", 8, "toy/8", read=True))
 
 
 def test_board_and_noted_source_pickle_for_the_workers():
-    board = workers.ReadingBoard(1, 1)
+    board = reading_board.ReadingBoard(1, 1)
     try:
         copy = pickle.loads(pickle.dumps(board))
         assert (copy.name, copy.num_workers, copy.slots, copy.memory) == (board.name, 1, 1, None)
         copy.close()  # a copy does not free the block
         attached = shared_memory.SharedMemory(board.name)
         attached.close()
-        noted = pickle.loads(pickle.dumps(workers.Noted(Source(), "toy")))
+        noted = pickle.loads(pickle.dumps(reading_board.Noted(Source(), "toy")))
         assert noted[2]["key"] == "toy/2" and noted.name == "toy"
     finally:
         board.close()
@@ -233,15 +233,15 @@ def test_board_and_noted_source_pickle_for_the_workers():
 
 
 def test_a_reading_says_whether_the_read_had_returned():
-    assert workers.Reading("toy", 2, "toy/2", read=False).line() == (
+    assert reading_board.Reading("toy", 2, "toy/2", read=False).line() == (
         "while reading record 2 of source 'toy' (key 'toy/2')")
-    assert workers.Reading("toy", 2, "", read=True).line() == (
+    assert reading_board.Reading("toy", 2, "", read=True).line() == (
         "after reading record 2 of source 'toy', the last record it started")
 
 
 def test_the_error_pickles_with_its_details():
     error = workers.WorkerDied("message", worker=1, pid=42, how="exited with status 3",
-                               readings=(workers.Reading("toy", 2, "toy/2", read=False),))
+                               readings=(reading_board.Reading("toy", 2, "toy/2", read=False),))
     copy = pickle.loads(pickle.dumps(error))
     assert (str(copy), copy.worker, copy.pid, copy.how, copy.readings) == (
         "message", 1, 42, "exited with status 3", error.readings)

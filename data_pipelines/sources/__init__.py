@@ -26,54 +26,25 @@ The records skipped while reading the labels, and why, are in `source.skips`
 Adding a format: write `data_pipelines/sources/<name>.py` with
 `read(root: Path, split: str, table: base.Table, **options) -> None` that appends one row per
 face to `table` (skipping, with `table.skips.skip(reason, "file:line")`, every row it cannot label
-exactly), and add the name to `DATASETS`.
+exactly), and add the name to `DATASETS` (in `formats`).
+
+Imports go one way (each imports only what comes before it): `base` (tables, skips, the file
+source), the format modules, `formats` (`DATASETS`, `open_folder`), data_pipelines.tfds_builders
+(which prepares dataset folders), `prepared` (which reads the result), and last this module,
+whose `get_source` imports `prepared` (and with it TFDS) only when a preparation is asked for.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
-from pathlib import Path
-from typing import Any
 
-from data_pipelines.sources import base
+from data_pipelines.sources import formats
 from data_pipelines.sources.base import BadRecordError, DatasetError, FileSource
+from data_pipelines.sources.formats import DATASETS, reader, reader_options
 from fbnet_jax.core import taxonomy
-
-# name -> "module:function" (modules are imported when first used).
-DATASETS = {
-    "affectnet": "affectnet:read",
-    "affwild2": "affwild2:read",
-    "bp4d": "bp4d:read_bp4d",
-    "bp4d_plus": "bp4d:read_bp4d_plus",
-    "ckplus": "ckplus:read",
-    "disfa": "disfa:read",
-    "emotionet": "emotionet:read",
-    "expw": "expw:read",
-    "fer2013": "fer2013:read_fer2013",
-    "ferplus": "fer2013:read_ferplus",
-    "manifest": "manifest:read",
-    "rafdb": "rafdb:read_basic",
-    "rafdb_compound": "rafdb:read_compound",
-}
 
 __all__ = ["BadRecordError", "DATASETS", "DatasetError", "FileSource", "get_source",
            "reader", "reader_options"]
-
-
-def reader(name: str):
-    """The `read` function of dataset `name`."""
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    module, function = DATASETS[name].split(":")
-    return getattr(importlib.import_module(f"data_pipelines.sources.{module}"), function)
-
-
-def reader_options(name: str) -> dict[str, Any]:
-    """Dataset `name`'s own options and their defaults."""
-    parameters = list(inspect.signature(reader(name)).parameters.values())[3:]
-    return {p.name: p.default for p in parameters}
 
 
 def get_source(name: str, root: str | os.PathLike, split: str, *,
@@ -93,23 +64,10 @@ def get_source(name: str, root: str | os.PathLike, split: str, *,
     if name == "prepared":
         if allow_empty:
             raise ValueError("allow_empty applies to dataset folders, not to a preparation")
-        # Imported here: `prepared` imports this package.
+        # Imported here: reading a preparation needs tensorflow_datasets.
         from data_pipelines.sources import prepared  # pylint: disable=g-import-not-at-top
         return prepared.open_prepared(root, split, aus=aus, source_index=source_index,
                                       margin=margin, **options)
-    read = reader(name)
-    known = reader_options(name)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        listed = ", ".join(f"{k} (default {v!r})" for k, v in known.items()) or "none"
-        raise DatasetError(f"{name}: unknown option(s) {', '.join(unknown)}; its options: "
-                           f"{listed}")
-    base.check_split(split, base.SPLITS, name)
-    skips = base.Skips(f"{name}[{split}]", strict=strict)
-    table = base.Table(skips)
-    read(Path(root), split, table, **options)
-    if not len(table) and not allow_empty:
-        raise DatasetError(f"{name}: no usable record for split {split!r} under {root} "
-                           f"({skips.summary()})")
-    return FileSource(name, root, split, table, aus=aus, source_index=source_index,
-                      margin=margin, unreadable=unreadable)
+    return formats.open_folder(name, root, split, aus=aus, source_index=source_index,
+                               strict=strict, margin=margin, unreadable=unreadable,
+                               allow_empty=allow_empty, **options)

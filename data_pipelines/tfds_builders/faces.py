@@ -5,21 +5,21 @@
       tfds.download.DownloadConfig(manual_dir="/data/Aff-Wild2")))
 
 `builder_class(dataset)` is a `GeneratorBasedBuilder` named `<dataset>_faces` whose manual_dir is
-the dataset's folder as its publisher ships it. It reads that folder with
-`data_pipelines.sources.get_source` and writes the splits train, validation and test: one
-example per record, the face exactly as the source serves it (already cropped and aligned; PNG,
-so lossless) and its labels, AUs over the 17 of `taxonomy.AUS`. With the option `image_size=N`
-(N > 0) the face is instead stored resized to N x N, exactly as the input pipeline's
-`ResizeImage(N)` would resize it, as raw uint8 pixels: a reader at that training size then does
-no decoding and no resizing (the format for feeding accelerators; larger on disk). An image that cannot be decoded
-is skipped and counted ("unreadable image", with its file), or with `strict` stops the
-preparation. A split with no usable record (a small dataset whose seeded split puts none of its
-subjects in validation, say) is not written: the others are, and its counts in the metadata (0
-records) say why it is empty (`empty_reason`); reading it raises an error saying so. A dataset
-with no usable record in any split is an error, and so is a split whose every image is
-unreadable.
+the dataset's folder as its publisher ships it. It reads that folder as
+`data_pipelines.sources.get_source` does (`sources.formats.open_folder`) and writes the splits
+train, validation and test: one example per record, the face exactly as the source serves it
+(already cropped and aligned; PNG, so lossless) and its labels, AUs over the 17 of
+`taxonomy.AUS`. With the option `image_size=N` (N > 0) the face is instead stored resized to
+N x N, exactly as the input pipeline's `ResizeImage(N)` would resize it, as raw uint8 pixels: a
+reader at that training size then does no decoding and no resizing (the format for feeding
+accelerators; larger on disk). An image that cannot be decoded is skipped and counted
+("unreadable image", with its file), or with `strict` stops the preparation. A split with no
+usable record (a small dataset whose seeded split puts none of its subjects in validation, say)
+is not written: the others are, and its counts in the metadata (0 records) say why it is empty
+(`empty_reason`); reading it raises an error saying so. A dataset with no usable record in any
+split is an error, and so is a split whose every image is unreadable.
 
-The options of a preparation (the dataset's own options, see `sources.reader_options`,
+The options of a preparation (the dataset's own options, see `formats.reader_options`,
 `margin` and `image_size`) are its builder config, so a preparation lies in
 
   <data_dir>/<dataset>_faces/<config name>/<FORMAT_VERSION>/
@@ -65,15 +65,15 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from data_pipelines import schema, sources, transforms
-from data_pipelines.sources import base
+from data_pipelines import schema, transforms
+from data_pipelines.sources import base, formats
 
 FORMAT_VERSION = "1.0.0"
 SPLITS = ("train", "validation", "test")
 UNREADABLE_IMAGE = "unreadable image"
 # The files a complete preparation holds besides its record files.
 PREPARED_FILES = ("dataset_info.json", "features.json", "metadata.json")
-MARGIN_DEFAULT = inspect.signature(sources.get_source).parameters["margin"].default
+MARGIN_DEFAULT = inspect.signature(formats.open_folder).parameters["margin"].default
 # The preparation options that are not the dataset's own: `margin` (as the sources take it) and
 # `image_size` (0: the face as served, PNG; N > 0: resized to N x N, raw uint8).
 PREPARATION_DEFAULTS = {"margin": MARGIN_DEFAULT, "image_size": 0}
@@ -93,7 +93,7 @@ def default_options(dataset: str) -> dict[str, Any]:
     Raises:
       DatasetError: an unknown dataset.
     """
-    return {**sources.reader_options(dataset), **PREPARATION_DEFAULTS}
+    return {**formats.reader_options(dataset), **PREPARATION_DEFAULTS}
 
 
 def resolve_options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -259,9 +259,9 @@ class FacesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         margin = options.pop("margin")
         options.pop("image_size")
         split_sources = {
-            split: sources.get_source(self.DATASET, root, split, unreadable="raise",
-                                      strict=self._strict, margin=margin, allow_empty=True,
-                                      **options)
+            split: formats.open_folder(self.DATASET, root, split, unreadable="raise",
+                                       strict=self._strict, margin=margin, allow_empty=True,
+                                       **options)
             for split in SPLITS}
         sizes = {split: len(source) for split, source in split_sources.items()}
         if not any(sizes.values()):
@@ -371,8 +371,8 @@ def builder_class(dataset: str) -> type[FacesBuilder]:
     Raises:
       DatasetError: an unknown dataset.
     """
-    sources.reader(dataset)
-    module = sources.DATASETS[dataset].split(":")[0]
+    formats.reader(dataset)
+    module = formats.DATASETS[dataset].split(":")[0]
     instructions = (
         f"manual_dir is the {dataset} folder as its publisher ships it (unpacked), read by "
         f"data_pipelines.sources.get_source({dataset!r}, manual_dir, split); the layout it "

@@ -383,6 +383,7 @@ def main(command: str, config) -> int:
                                 max_examples=_MAX_EXAMPLES.value)
         return 0
     from fbnet_jax.eval import evaluate  # pylint: disable=g-import-not-at-top
+    from fbnet_jax.train import checks  # pylint: disable=g-import-not-at-top
     from fbnet_jax.train import loop as train  # pylint: disable=g-import-not-at-top
     if command == "train":
         workdir = Path(_WORKDIR.value) if _WORKDIR.value else _default_workdir(config.name)
@@ -392,6 +393,7 @@ def main(command: str, config) -> int:
         except train.TrainingStopped:  # a stop, not an error: its line is logged already
             return EXIT_STOPPED
     else:
+        checks.validate(config)
         evaluate.evaluate_workdir(_WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
                                   config=config, checkpoint=_CHECKPOINT.value,
                                   names=_EVALS.value)

@@ -1,1 +1,1 @@
-"""What a config means over time: restart policy, the differences of two configs, migration of stored ones."""
+"""What a config means over time: restart policy, differences of configs, stored-config migration."""

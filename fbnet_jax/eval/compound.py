@@ -12,7 +12,7 @@ something about RAF-DB's 11 compound classes (`taxonomy.RAF_COMPOUND_CLASSES`):
 
 `zero_shot_evaluation` and `few_shot_evaluation` turn one split's outputs into flat metric keys
 per source; they are the `compound_zero_shot` and `compound_few_shot` evaluators of a config
-(fbnet_jax/eval/evaluators.py), which `fbnet train` and `fbnet eval` run.
+(fbnet_jax/eval/evaluators/), which `fbnet train` and `fbnet eval` run.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def few_shot(features: np.ndarray, labels: np.ndarray, k: int, draws: int = DRAW
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics of a split (the compound evaluators of fbnet_jax/eval/evaluators.py).
+# Metrics of a split (the compound evaluators of fbnet_jax/eval/evaluators/).
 
 def _labelled(batch: Mapping[str, np.ndarray], source_names: Sequence[str]):
     """(name, rows) of each source with a compound-labelled real example in `batch`."""

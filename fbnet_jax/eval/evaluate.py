@@ -1,4 +1,4 @@
-"""Evaluation: the evaluators of a config (fbnet_jax/eval/evaluators.py) on a train state.
+"""Evaluation: the evaluators of a config (fbnet_jax/eval/evaluators/) on a train state.
 
 `evaluate` runs a round of evaluators (training's periodic and final evaluations) with one pass
 of the network over each split they read (`Predictions`); `evaluate_workdir` re-evaluates a
@@ -22,7 +22,8 @@ import tqdm
 from data_pipelines import pipeline
 from fbnet_jax.runtime import checkpointing, parallel
 from fbnet_jax.eval import compound, evaluators, report
-from fbnet_jax.config import checks as config_checks
+from fbnet_jax.config import restart
+from fbnet_jax.model import facebehaviornet
 from fbnet_jax.runtime import state as state_lib
 from fbnet_jax.core.errors import ConfigError, UserError
 
@@ -39,9 +40,8 @@ class Interrupted(Exception):
 def make_predict_fn(model, keys=evaluators.TASK_OUTPUTS):
     """A jitted `(state, image) -> outputs[keys]` with the network in inference mode."""
     def predict(state, image):
-        outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, image,
-                              train=False)
-        return {k: outputs[k] for k in keys}
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return facebehaviornet.infer(model, variables, image, keys)
     return jax.jit(predict)
 
 
@@ -150,7 +150,7 @@ def evaluate(model, state, config, mesh, round_evaluators: Sequence[evaluators.E
       return_predictions: also return the round's `Predictions` (the report reads its arrays).
 
     Returns:
-      A flat dict of every evaluator's keys (fbnet_jax/eval/evaluators.py); with
+      A flat dict of every evaluator's keys (fbnet_jax/eval/evaluators/); with
       `return_predictions`, the pair (that dict, the Predictions).
     """
     predictions = Predictions(model, state, config, mesh, round_evaluators,
@@ -374,7 +374,8 @@ def evaluate_workdir(workdir: str | Path | None = None, split: str | None = None
     The checkpoint is the run's in `workdir` of `step` (default: the latest) or a `checkpoint`
     directory on its own. The network comes from it and from the config stored with it; `config`
     (that config with fields changed, or another experiment's config file, e.g. one with more
-    evaluators or sources) may replace it as long as it builds a state of the same shapes.
+    evaluators or sources) may replace it as long as it builds a state of the same shapes; the
+    caller has validated it (`fbnet_jax.train.checks.validate`, as `fbnet eval` does).
 
     The evaluators are those of `names` (default: the final ones); `split` runs them on that
     split instead of their own (without `names`, those whose sources lack it are left out).
@@ -393,12 +394,11 @@ def evaluate_workdir(workdir: str | Path | None = None, split: str | None = None
         if config is None:
             config = saved
         else:
-            config_checks.validate(config)
-            problem = config_checks.shape_change(saved, config, step)
+            problem = state_lib.shape_change(saved, config, step)
             if problem:
                 raise ConfigError(problem, header="this config does not fit the checkpoint")
-            for difference in config_checks.differences(saved, config):
-                log.info("evaluating with %s", config_checks.format_difference(*difference))
+            for difference in restart.differences(saved, config):
+                log.info("evaluating with %s", restart.format_difference(*difference))
         chosen = _chosen(config, names, split)
         mesh = parallel.create_mesh()
         model, state = restore_checkpoint(root, config, step, mesh, manager=manager)

@@ -24,8 +24,9 @@ from typing import Any
 import matplotlib.style
 import numpy as np
 
-from fbnet_jax.eval import report
 from fbnet_jax.core import taxonomy
+from fbnet_jax.eval.report_plots import Plot, new_figure, to_png
+from fbnet_jax.eval.report_tables import Table
 
 PLOT_NAME = "compound_few_shot"
 HEADING = "Compound expressions: zero- and few-shot"
@@ -73,7 +74,7 @@ def _mean_std(mean: Any, std: Any) -> str:
     return f"{float(mean):.4f}" + ("" if std is None else f" ± {float(std):.4f}")
 
 
-def zero_shot_table(results: Mapping[str, Any], split: str, source: str) -> report.Table | None:
+def zero_shot_table(results: Mapping[str, Any], split: str, source: str) -> Table | None:
     """The zero-shot rule and each of its terms alone ('-' where a metric is not reported);
     None when (split, source) has no zero-shot key."""
     p = f"{split}/{source}/compound_"
@@ -81,10 +82,10 @@ def zero_shot_table(results: Mapping[str, Any], split: str, source: str) -> repo
                      for metric, _ in ZERO_SHOT_COLUMNS)) for name, infix in ZERO_SHOT_ROWS]
     if all(cell == "-" for row in rows for cell in row[1:]):
         return None
-    return report.Table(("terms", *(header for _, header in ZERO_SHOT_COLUMNS)), tuple(rows))
+    return Table(("terms", *(header for _, header in ZERO_SHOT_COLUMNS)), tuple(rows))
 
 
-def few_shot_table(results: Mapping[str, Any], split: str, source: str) -> report.Table | None:
+def few_shot_table(results: Mapping[str, Any], split: str, source: str) -> Table | None:
     """One row per k: classes scored, then UAR (mean ± std over draws) and accuracy of the
     linear probe and of the nearest class mean; None when (split, source) has no few-shot key."""
     ks = few_shot_ks(results, split, source)
@@ -100,7 +101,7 @@ def few_shot_table(results: Mapping[str, Any], split: str, source: str) -> repor
             row += [_mean_std(results.get(f"{key}_uar"), results.get(f"{key}_uar_std")),
                     _value(results.get(f"{key}_accuracy"))]
         rows.append(tuple(row))
-    return report.Table(FEW_SHOT_HEADER, tuple(rows))
+    return Table(FEW_SHOT_HEADER, tuple(rows))
 
 
 def _summary(results: Mapping[str, Any], split: str, source: str) -> str:
@@ -112,7 +113,7 @@ def _summary(results: Mapping[str, Any], split: str, source: str) -> str:
             f"{_value(chance)}.")
 
 
-def few_shot_plot(results: Mapping[str, Any]) -> report.Plot:
+def few_shot_plot(results: Mapping[str, Any]) -> Plot:
     """UAR against k of the linear probe and the nearest class mean (error bars: std over
     draws), with the zero-shot UAR and chance as horizontal lines; one panel per (split, source)
     with few-shot keys. Not drawn when none has any."""
@@ -122,23 +123,22 @@ def few_shot_plot(results: Mapping[str, Any]) -> report.Plot:
     panels = [(split, source, ks_of[split, source]) for split, source in subsets
               if ks_of[split, source]]
     if not panels:
-        return report.Plot(PLOT_NAME, title, None,
-                           "the results hold no few-shot compound metric")
+        return Plot(PLOT_NAME, title, None, "the results hold no few-shot compound metric")
     with matplotlib.style.context("default"):
-        figure = report._figure(PLOT_NAME)  # pylint: disable=protected-access
+        figure = new_figure(PLOT_NAME)
         columns = min(len(panels), 3)
         axes = figure.subplots(math.ceil(len(panels) / columns), columns, squeeze=False)
         for ax, (split, source, ks) in zip(axes.flat, panels):
             _draw_panel(ax, results, split, source, ks)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
-        png = report._png(figure)  # pylint: disable=protected-access
+        png = to_png(figure)
     without = [f"`{source}` ({split})" for (split, source), ks in ks_of.items() if not ks]
     note = ("Means over random support sets of k faces per class, error bars one standard "
             "deviation.")
     if without:
         note += f" No few-shot metric for {', '.join(without)}: no panel."
-    return report.Plot(PLOT_NAME, title, png, note)
+    return Plot(PLOT_NAME, title, png, note)
 
 
 def _draw_panel(ax, results: Mapping[str, Any], split: str, source: str, ks: list[int]) -> None:
@@ -170,7 +170,7 @@ def _draw_panel(ax, results: Mapping[str, Any], split: str, source: str, ks: lis
     ax.legend(loc="best", fontsize="small")
 
 
-def compound_blocks(results: Mapping[str, Any], plot: report.Plot) -> list[Any]:
+def compound_blocks(results: Mapping[str, Any], plot: Plot) -> list[Any]:
     """The report's compound section (blocks of fbnet_jax/eval/report.py), [] without compound keys.
 
     Args:

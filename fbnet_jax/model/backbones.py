@@ -117,7 +117,7 @@ class BatchNorm(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Stages of [conv 3x3 -> BatchNorm -> ReLU] each followed by a 2x2 max-pool, then a dense layer.
+    """Stages of [conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool], then a dense layer.
 
     The last feature map is flattened, not averaged, so the features keep where on the face a
     pattern is: AUs are local, and their position is what tells them apart.

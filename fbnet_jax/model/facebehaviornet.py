@@ -1,8 +1,11 @@
-"""FaceBehaviorNet: one backbone, three heads (expressions, action units, valence-arousal)."""
+"""FaceBehaviorNet: one backbone, three heads (expressions, action units, valence-arousal).
+
+Also the one way the network runs in inference mode (`infer`), shared by evaluation and serving.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -70,3 +73,23 @@ def create_model(model_config, num_aus: int) -> FaceBehaviorNet:
         num_aus=num_aus,
         dtype=jnp.dtype(model_config.dtype),
     )
+
+
+def infer(model: FaceBehaviorNet, variables: Mapping[str, Any], images,
+          keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The network in inference mode: BatchNorm with its running statistics, no dropout.
+
+    Pure, so it can be jitted, exported or converted.
+
+    Args:
+      model: the FaceBehaviorNet.
+      variables: {"params": ..., "batch_stats": ...} (batch_stats empty for a backbone without
+        BatchNorm).
+      images: float32 [B, H, W, 3], already the model input (`fbnet_jax.core.images`).
+      keys: the outputs to return, in this order; None: all of them.
+
+    Returns:
+      The outputs of `FaceBehaviorNet.__call__` named by `keys`.
+    """
+    outputs = model.apply(dict(variables), images, train=False)
+    return dict(outputs) if keys is None else {key: outputs[key] for key in keys}

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbnet_jax.core import taxonomy
+from fbnet_jax.core import checks, relatedness, taxonomy
+from fbnet_jax.core.errors import ConfigError
 
 TASK_TERMS = ("expression", "au", "va")
 COUPLING_TERMS = ("co_annotation", "distribution_matching")
@@ -324,3 +325,33 @@ def task_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
         terms["distribution_matching"] = distribution_matching_loss(outputs, coupling, axis_name)
     total = sum(weights[name] * term for name, term in terms.items())
     return total, {**terms, "total": total}
+
+
+def problems(config) -> list[str]:
+    """What is wrong with `config.loss`, one line each: the terms and their weights, and the
+    coupling settings and relatedness table when a coupling term is on."""
+    out: list[str] = []
+    weights = config.loss.weights
+    known = TASK_TERMS + COUPLING_TERMS
+    for name in weights.keys():
+        if name not in known:
+            out.append(f"loss.weights.{name}: not a loss term; the terms are {', '.join(known)}")
+        else:
+            checks.in_range(out, f"loss.weights.{name}", weights[name], 0)
+    missing = [name for name in TASK_TERMS if name not in weights]
+    if missing:
+        out.append(f"loss.weights: no weight for {', '.join(missing)} (0 turns a term off)")
+    if all(isinstance(weights[n], (int, float)) and weights[n] == 0 for n in weights.keys()):
+        out.append("loss.weights: all are 0; at least one loss term must be on")
+    if any(weights[n] for n in COUPLING_TERMS if n in weights
+           and isinstance(weights[n], (int, float))):
+        checks.one_of(out, "loss.co_annotation.au_targets", config.loss.co_annotation.au_targets,
+                      CO_ANNOTATION_AU_TARGETS)
+        if not isinstance(config.loss.distribution_matching.stop_gradient, bool):
+            out.append(f"loss.distribution_matching.stop_gradient: must be True or False, "
+                       f"got {config.loss.distribution_matching.stop_gradient!r}")
+        try:
+            relatedness.load(config.loss.relatedness, config.data.aus)
+        except ConfigError as e:
+            out.extend(e.problems)
+    return out

@@ -26,6 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from fbnet_jax.config.migrate import config_from_json
 from fbnet_jax.runtime import parallel
 from fbnet_jax.core.errors import UserError
 
@@ -78,21 +79,11 @@ def _finite_leaves(tree: Any) -> Any:
                         else jnp.bool_(True), tree)
 
 
-def path_name(path) -> str:
-    """A pytree key path as `params/backbone/Conv_0/kernel`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
-
-
 def non_finite_leaves(tree: Any) -> list[str]:
     """Paths (`params/backbone/Conv_0/kernel`) of the floating-point leaves holding NaN or inf."""
     flags = parallel.to_host(_finite_leaves(tree))
-    return [path_name(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, config: ml_collections.ConfigDict,
@@ -217,57 +208,3 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     return config_from_json(values)
-
-
-# Config fields added after runs could be saved, with the value that runs saved without them
-# behaved as: a stored config is completed with them, so an older run can still be evaluated,
-# restarted and compared with today's configs.
-ADDED_FIELDS = {
-    "model.init_from": "",
-    "loss.co_annotation.au_targets": "hard",
-    "data.render_cache_dir": "",
-    "data.render_processes": 0,
-    "parallel.mode": "jit",
-    "train.grad_accum_steps": 1,
-    "train.nonfinite": "stop",
-    "train.nonfinite_max_in_a_row": 10,
-}
-
-
-def _with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
-    if "evals" not in values and "eval_split" in values.get("train", {}):
-        # Saved before `config.evals`: its train.* evaluation fields become the evaluators
-        # that ran then.
-        from fbnet_jax.eval import evaluators  # pylint: disable=g-import-not-at-top  # (cycle)
-        values["evals"] = evaluators.from_train_fields(values)
-    for path, value in ADDED_FIELDS.items():
-        *parents, leaf = path.split(".")
-        node = values
-        for key in parents:
-            node = node.setdefault(key, {})
-        node.setdefault(leaf, value)
-    for source in values.get("data", {}).get("sources", {}).values():
-        if not isinstance(source, dict):
-            continue
-        if source.get("kind") == "synthetic":
-            source.setdefault("cache", False)   # saved before the field: rendered every time
-        else:
-            # Dataset sources saved before the field read the PNG preparation (0).
-            source.setdefault("prepared_image_size", 0)
-    return values
-
-
-def config_from_json(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A locked ConfigDict from a config's JSON values (completed with `ADDED_FIELDS`)."""
-    config = ml_collections.ConfigDict(_with_added_fields(_lists_to_tuples(dict(values))))
-    config.lock()
-    return config
-
-
-def _lists_to_tuples(value: Any) -> Any:
-    """JSON has no tuples; configs use them (AU lists, widths), so lists are turned back."""
-    if isinstance(value, Mapping):
-        return {k: _lists_to_tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_lists_to_tuples(v) for v in value)
-    return value

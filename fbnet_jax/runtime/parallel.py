@@ -27,6 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fbnet_jax.core import checks
+
 DATA_AXIS = "data"
 MODES = ("jit", "pmap")
 
@@ -228,3 +230,16 @@ class StepRunner:
 
     def __call__(self, state: Any, batch: Mapping[str, Any]):
         return (self.compiled or self._step)(state, batch)
+
+
+def problems(config, num_devices: int) -> list[str]:
+    """The step's compilation mode, and a batch that splits into microbatches on every device."""
+    out: list[str] = []
+    checks.one_of(out, "parallel.mode", config.parallel.mode, MODES)
+    k, batch = config.train.grad_accum_steps, config.data.global_batch_size
+    if (isinstance(k, int) and k > 1 and isinstance(batch, int) and batch > 0
+            and batch % (num_devices * k)):
+        out.append(f"train.grad_accum_steps: {k} microbatches of the "
+                   f"data.global_batch_size {batch} do not split evenly over the "
+                   f"{num_devices} devices; make the batch a multiple of {num_devices * k}")
+    return out

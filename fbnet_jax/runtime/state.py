@@ -11,8 +11,10 @@ import ml_collections
 import optax
 
 from fbnet_jax import model as models
-from fbnet_jax.runtime import parallel
+from fbnet_jax.config import restart
+from fbnet_jax.core import checks
 from fbnet_jax.model import weights
+from fbnet_jax.runtime import parallel
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")  # after a linear warm-up from 0
@@ -116,3 +118,69 @@ def create_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = Fa
         state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
             s.shape, s.dtype, sharding=parallel.replicated(mesh)), state)
     return model, tx, schedule, state
+
+
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with `config.optimizer` (its names and ranges), one line each."""
+    out: list[str] = []
+    opt = config.optimizer
+    checks.one_of(out, "optimizer.name", opt.name, OPTIMIZERS)
+    checks.one_of(out, "optimizer.schedule", opt.schedule, SCHEDULES)
+    checks.in_range(out, "optimizer.learning_rate", opt.learning_rate, 0, low_open=True)
+    checks.in_range(out, "optimizer.warmup_steps", opt.warmup_steps, 0, integer=True)
+    checks.in_range(out, "optimizer.end_learning_rate_factor", opt.end_learning_rate_factor, 0,
+                    1)
+    checks.in_range(out, "optimizer.weight_decay", opt.weight_decay, 0)
+    checks.in_range(out, "optimizer.momentum", opt.momentum, 0, 1, high_open=True)
+    checks.in_range(out, "optimizer.grad_clip_norm", opt.grad_clip_norm, 0)
+    return out
+
+
+# --- the shapes a config gives the state (a restart against its checkpoint) -------------------
+
+def _abstract_state(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """{leaf path: shape and dtype} of the train state the config creates (nothing computed)."""
+    model = model_for(config)
+    tx, _ = create_optimizer(config.optimizer, config.train.num_steps)
+    shapes = jax.eval_shape(lambda rng: init_state(model, tx, rng, config.data.image_size),
+                            jax.random.PRNGKey(0))
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def _describe(leaf) -> str:
+    return f"{leaf.dtype.name}{list(leaf.shape)}" if leaf is not None else "absent"
+
+
+def state_differences(before: ml_collections.ConfigDict,
+                      after: ml_collections.ConfigDict) -> list[str]:
+    """The train state leaves whose shape or dtype differ between two configs, as messages.
+
+    Parameters and BatchNorm statistics come first; the optimizer's copies of them last.
+    """
+    a, b = _abstract_state(before), _abstract_state(after)
+    differ = [p for p in set(a) | set(b)
+              if a.get(p) is None or b.get(p) is None or a[p].shape != b[p].shape
+              or a[p].dtype != b[p].dtype]
+    differ.sort(key=lambda p: (p.startswith("opt_state"), p))
+    return [f"{p}: {_describe(a.get(p))} -> {_describe(b.get(p))}" for p in differ]
+
+
+def shape_change(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 step: int) -> str | None:
+    """None when `config` builds a train state of the checkpoint's shapes, else why not.
+
+    The message names the first leaves that differ and the config fields that change them (each
+    differing field is tried alone against the saved config).
+    """
+    leaves = state_differences(saved, config)
+    if not leaves:
+        return None
+    changed = [d for d in restart.differences(saved, config)
+               if not restart.matches(d[0], restart.FREE_FIELDS)]
+    culprits = [d for d in changed if len(changed) == 1
+                or state_differences(saved, restart.with_field(saved, d[0], d[2]))]
+    shown = leaves[:3] + ([f"{len(leaves) - 3} more"] if len(leaves) > 3 else [])
+    return (f"the train state in the checkpoint of step {step} has other shapes than this "
+            f"config's ({'; '.join(shown)}); changed by "
+            f"{'; '.join(restart.format_difference(*d) for d in culprits or changed)}")

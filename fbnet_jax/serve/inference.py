@@ -8,7 +8,8 @@ definition of the model and of its input:
 
   model input = uint8 RGB pixel · SCALE + OFFSET   (NHWC, image_size x image_size)
 
-which is exactly what training fed it (data_pipelines/transforms.py, `Normalize`).
+which is exactly what training fed it (both scale pixels by `fbnet_jax.core.images`, and run
+the network in inference mode by `fbnet_jax.model.facebehaviornet.infer`, as evaluation does).
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fbnet_jax.runtime import checkpointing
 from fbnet_jax.core import taxonomy
+from fbnet_jax.core.images import OFFSET, SCALE, to_model_input
+from fbnet_jax.model import facebehaviornet
+from fbnet_jax.runtime import checkpointing
 from fbnet_jax.runtime import state as state_lib
 
-# Model input = uint8 pixel * SCALE + OFFSET: 0 -> -1, 128 -> 0, 255 -> 127/128.
-SCALE = 1.0 / 128.0
-OFFSET = -1.0
 # The outputs an inference model returns, in order, with what they mean.
 OUTPUTS = {
     "expression_logits": "[B, 7] logits of the basic expressions (softmax for probabilities), "
@@ -99,8 +99,8 @@ class InferenceModel:
         """The outputs (`OUTPUTS`) for a float32 batch [B, S, S, 3] already scaled to the model
         input; pure, so it can be jitted, exported or converted. `variables` defaults to the
         checkpoint's (pass them to keep them as arguments rather than constants)."""
-        outputs = self.model.apply(dict(variables or self.variables), images, train=False)
-        return {name: outputs[name].astype(jnp.float32) for name in OUTPUTS}
+        outputs = facebehaviornet.infer(self.model, variables or self.variables, images, OUTPUTS)
+        return {name: value.astype(jnp.float32) for name, value in outputs.items()}
 
     def preprocess(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 RGB [B, S, S, 3] (already the model's size) -> the float32 model input."""
@@ -110,7 +110,7 @@ class InferenceModel:
                 or images_uint8.shape[1:] != expected:
             raise ValueError(f"expected uint8 images [B, {expected[0]}, {expected[1]}, 3], got "
                              f"{images_uint8.dtype} {list(images_uint8.shape)}")
-        return images_uint8.astype(np.float32) * np.float32(SCALE) + np.float32(OFFSET)
+        return to_model_input(images_uint8)
 
     def metadata(self) -> dict[str, str]:
         """What a consumer of an exported model needs, as string values (ONNX metadata_props;

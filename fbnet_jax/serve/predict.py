@@ -7,13 +7,10 @@
 
 From a file to a prediction:
 
-1. Reading. Images (`IMAGE_EXTENSIONS`) are decoded with PIL into uint8 RGB (greyscale, palette,
-   CMYK, 16-bit and alpha handled as the dataset sources do, `data_pipelines.sources.base
-   .read_image`) and turned upright by their EXIF orientation, as a photo viewer shows them.
-   Videos (`VIDEO_EXTENSIONS`) are read with OpenCV, every `stride`-th frame. Folders are read
-   recursively in sorted order; hidden files are ignored. The extension decides how a file is
-   read; a file that is neither, or cannot be decoded, is skipped with a warning naming it and
-   why, and counted: one bad file never stops a run.
+1. Reading (`media`). Images are decoded into uint8 RGB and turned upright by their EXIF
+   orientation, videos read with OpenCV every `stride`-th frame, folders read recursively in
+   sorted order. A file that is not an image or a video by its extension, or cannot be decoded,
+   is skipped with a warning naming it and why, and counted: one bad file never stops a run.
 2. Faces. OpenCV's frontal-face Haar cascade finds every face of a frame (boxes in the frame's
    pixels, left to right). Each box is cropped square with the margin the network was trained
    with (`training_margin`) by the crop the dataset sources use (`base.crop_face`). With
@@ -37,7 +34,6 @@ import csv
 import dataclasses
 import functools
 import inspect
-import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,18 +45,16 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from PIL import Image
 
 from data_pipelines import pipeline, schema, transforms
 from data_pipelines.sources import base
 from fbnet_jax.core import taxonomy
 from fbnet_jax.core.errors import UserError
+from fbnet_jax.serve import media
 from fbnet_jax.serve.inference import InferenceModel
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-VIDEO_EXTENSIONS = (".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm", ".wmv")
 OUTPUT_FORMATS = (".csv", ".jsonl")
 OK, NO_FACE = "ok", "no face found"
 # Probabilities at 1e-6 are far finer than any decision made on them, and keep files short.
@@ -71,15 +65,6 @@ CASCADE_FILE = "haarcascade_frontalface_default.xml"
 # Frames are searched for faces at most this large (longest side): the cascade's cost grows
 # with the pixel count, and a face too small to find at this size is too small to classify.
 DETECT_MAX_SIDE = 1024
-_EXIF_ORIENTATION = 0x0112
-
-
-class UnreadableFile(UserError, ValueError):
-    """A file that cannot be read as an image or a video; the message says which and why.
-
-    `read_image` and `read_video` raise it; `fbnet predict` and `Predictor.predict_files` skip
-    the file with a warning and count it.
-    """
 
 
 def training_margin(config: ml_collections.ConfigDict) -> float:
@@ -254,7 +239,7 @@ class Predictor:
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         # Checked now, not at the first row: the rows are made lazily.
-        files = media_files(paths)
+        files = media.media_files(paths)
         counts = Counts() if counts is None else counts
         return self._rows(files, detect, stride, progress, counts)
 
@@ -266,7 +251,7 @@ class Predictor:
         pending = 0            # crops not predicted yet
         for path in bar:
             try:
-                for frame, image in _frames(path, stride, progress):
+                for frame, image in media.frames(path, stride, progress):
                     found = self._faces(str(path), frame, image, detect)
                     faces = sum(crop is not None for _, crop in found)
                     counts.frames += 1
@@ -281,11 +266,11 @@ class Predictor:
                             or not pending:
                         yield from self._flush(rows, crops)
                         rows, crops, pending = [], [], 0
-            except UnreadableFile as e:
+            except media.UnreadableFile as e:
                 log.warning("%s; skipped", e)
                 counts.skipped.append((str(path), str(e)))
                 continue
-            if path.suffix.lower() in VIDEO_EXTENSIONS:
+            if path.suffix.lower() in media.VIDEO_EXTENSIONS:
                 counts.videos += 1
             else:
                 counts.images += 1
@@ -329,110 +314,6 @@ class Predictor:
 
 def _rounded(values) -> list[float]:
     return [round(float(v), DECIMALS) for v in values]
-
-
-def media_files(inputs: Iterable[str | Path], exclude: str | Path | None = None) -> list[Path]:
-    """The files of `inputs`: files as given, folders as every file below them (sorted, hidden
-    files and folders left out), `exclude` (the output file) left out.
-
-    Raises:
-      UserError: an input does not exist.
-    """
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    files = []
-    for given in inputs:
-        path = Path(given)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.exists():
-            found = [path]
-        else:
-            raise UserError(f"{path}: no such file or folder")
-        files += [p for p in found if excluded is None or p.resolve() != excluded]
-    return files
-
-
-def _frames(path: Path, stride: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(frame index, uint8 RGB image) of an image (one frame, 0) or of a video's frames.
-
-    Raises:
-      UnreadableFile: the file is not an image or video by its extension, or cannot be decoded.
-    """
-    suffix = path.suffix.lower()
-    if suffix in VIDEO_EXTENSIONS:
-        yield from read_video(path, stride, progress)
-    elif suffix in IMAGE_EXTENSIONS:
-        yield 0, read_image(path)
-    else:
-        raise UnreadableFile(f"{path}: not an image or a video (by its extension; images: "
-                             f"{' '.join(IMAGE_EXTENSIONS)}; videos: {' '.join(VIDEO_EXTENSIONS)})")
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3], turned upright by its EXIF orientation.
-
-    Raises:
-      UnreadableFile: the file cannot be read or is not a complete image.
-    """
-    try:
-        data = Path(path).read_bytes()
-        image = base.read_image(data, str(path))
-    except (OSError, base.DatasetError) as e:
-        raise UnreadableFile(str(e) if isinstance(e, base.DatasetError)
-                             else f"{path}: cannot be read ({e})") from e
-    return _orient(image, _exif_orientation(data))
-
-
-def _exif_orientation(data: bytes) -> int:
-    """The EXIF orientation (1..8) of an encoded image; 1 (upright) when it has none."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # pylint: disable=broad-except  # a broken EXIF block: show as stored
-        return 1
-    return orientation if 1 <= orientation <= 8 else 1
-
-
-def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
-    """`image` as PIL's `ImageOps.exif_transpose` turns it for `orientation`."""
-    transposed = image.transpose(1, 0, 2)
-    turned = {
-        2: image[:, ::-1], 3: image[::-1, ::-1], 4: image[::-1],
-        5: transposed, 6: transposed[:, ::-1], 7: transposed[::-1, ::-1], 8: transposed[::-1],
-    }.get(orientation, image)
-    return np.ascontiguousarray(turned)
-
-
-def read_video(path: str | Path, stride: int = 1, progress: bool = False
-               ) -> Iterator[tuple[int, np.ndarray]]:
-    """(frame index, uint8 RGB frame) of every `stride`-th frame of a video, from frame 0.
-
-    Raises:
-      UnreadableFile: OpenCV cannot open the file, or decodes no frame of it.
-    """
-    capture = cv2.VideoCapture(str(path))
-    try:
-        if not capture.isOpened():
-            raise UnreadableFile(f"{path}: OpenCV cannot open it as a video")
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        bar = tqdm.tqdm(total=-(-total // stride) if total > 0 else None, desc=Path(path).name,
-                        unit="frame", leave=False, disable=None if progress else True)
-        index = 0
-        with bar:
-            # grab() skips a frame without converting it; retrieve() converts the kept ones.
-            while capture.grab():
-                if index % stride == 0:
-                    ok, bgr = capture.retrieve()
-                    if not ok:
-                        break
-                    bar.update()
-                    yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                index += 1
-        if index == 0:
-            raise UnreadableFile(f"{path}: OpenCV decodes no frame of it")
-    finally:
-        capture.release()
 
 
 def output_format(out: str | Path) -> str:
@@ -488,11 +369,12 @@ def run_command(workdir: str | Path, step: int | None, inputs: Sequence[str | Pa
         raise UserError(f"--batch_size {batch_size}: must be >= 1")
     if not inputs:
         raise UserError("give the images, videos or folders to predict")
-    files = media_files(inputs, exclude=out)
-    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
-    if not any(f.suffix.lower() in media for f in files):
+    files = media.media_files(inputs, exclude=out)
+    extensions = media.IMAGE_EXTENSIONS + media.VIDEO_EXTENSIONS
+    if not any(f.suffix.lower() in extensions for f in files):
         raise UserError(f"no image or video among {' '.join(map(str, inputs))} (images: "
-                        f"{' '.join(IMAGE_EXTENSIONS)}; videos: {' '.join(VIDEO_EXTENSIONS)})")
+                        f"{' '.join(media.IMAGE_EXTENSIONS)}; videos: "
+                        f"{' '.join(media.VIDEO_EXTENSIONS)})")
     predictor = Predictor.from_workdir(workdir, step, batch_size=batch_size)
     log.info("predicting with the checkpoint of step %d of %s (%d files, faces %s)",
              predictor.model.step, workdir, len(files),
