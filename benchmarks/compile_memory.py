@@ -11,8 +11,8 @@ batch of `--batch_size` examples per device and prints one markdown table:
 Columns: parameters (millions); the seconds of `lower` (tracing to StableHLO) and of `compile`
 (XLA) and their sum, as medians over `--repeats` compilations (the sum's range in brackets);
 then the per-device sizes from XLA's memory analysis of the compiled step, the numbers that
-fbnet_jax.train.profiling.memory_line logs at the start of a run, in MiB: arguments (state and batch),
-outputs (new state and metrics; the donated part reuses the arguments' buffers), temporaries
+fbnet_jax.train.profiling.memory_line logs at the start of a run, in MiB: arguments (state and
+batch), outputs (new state and metrics; the donated part reuses the arguments' buffers), temporaries
 (activations kept for the backward pass, gradients, scratch) and generated code (XLA's CPU
 backend reports 0 for it).
 

@@ -17,11 +17,15 @@ measures, side by side and alternating over `--repeats` rounds, six formats:
              rendered ahead into files by --render_processes processes (timed and printed),
              read from there (what every epoch costs, the first included, in every worker);
 
-and two measures:
+and three measures:
 
   source   records/s of `source[i]` over every record (one core, no pipeline);
-  pipeline examples/s of the train iterator (resize to --image_size, augment, normalise, batch
-           64) after a warm-up, with --workers grain worker processes (0: in this process).
+  pipeline examples/s of the train iterator (resize to --image_size, batch 64: uint8 faces,
+           augmented and normalised later, on the device, in the train step) after a warm-up,
+           with --workers grain worker processes (0: in this process);
+  host     the path before 2026-12-06: the same iterator plus, per face, the host-side
+           augmentation (`transforms.RandomAugment`, the config's data.augment) and the
+           normalisation to float32 that the pipeline did then, timed in the same round.
 
 With --workers 0 the pipeline column is what one worker (one core) delivers, and the last
 column is the cores a step consuming --target examples/s needs at that rate.
@@ -51,9 +55,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipelines import pipeline  # noqa: E402  pylint: disable=wrong-import-position
+from data_pipelines import pipeline, transforms  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
-from fbnet_jax.core import config_files  # noqa: E402  pylint: disable=wrong-import-position
+from fbnet_jax.core import config_files, images  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax.core import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -76,6 +80,7 @@ def write_dataset(folder: Path, images: int, width: int, height: int) -> None:
 
 
 FORMATS = ("jpeg", "png", "uint8", "synthetic", "cached", "render_cache")
+MEASURES = ("source", "pipeline", "host")
 
 
 class _Head:
@@ -102,14 +107,26 @@ def source_rate(source) -> float:
     return len(source) / (time.perf_counter() - start)
 
 
-def pipeline_rate(config, batches: int, warmup: int) -> float:
+def _host_path(batch, augment: transforms.RandomAugment, rng: np.random.Generator) -> np.ndarray:
+    """The old host work on a batch: every face augmented and normalised, one by one."""
+    return np.stack([images.to_model_input(augment.random_map({"image": face}, rng)["image"])
+                     for face in batch["image"]])
+
+
+def pipeline_rate(config, batches: int, warmup: int, host: bool = False) -> float:
+    augment = transforms.RandomAugment(**config.data.augment.to_dict())
+    rng = np.random.default_rng(0)
     with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
                                                           process_count=1)) as it:
         for _ in range(warmup):
-            next(it)
+            batch = next(it)
+            if host:
+                _host_path(batch, augment, rng)
         start = time.perf_counter()
         for _ in range(batches):
-            next(it)
+            batch = next(it)
+            if host:
+                _host_path(batch, augment, rng)
         return batches * config.data.global_batch_size / (time.perf_counter() - start)
 
 
@@ -184,11 +201,13 @@ def main() -> None:
         for kind in ("synthetic", "cached"):
             sources[kind] = _Head(sources[kind], len(sources["jpeg"]))
 
-        rates = {(kind, what): [] for kind in FORMATS for what in ("source", "pipeline")}
+        rates = {(kind, what): [] for kind in FORMATS for what in MEASURES}
         for _ in range(args.repeats):
             for kind in FORMATS:
                 rates[kind, "source"].append(source_rate(sources[kind]))
                 rates[kind, "pipeline"].append(pipeline_rate(configs[kind], args.batches, 5))
+                rates[kind, "host"].append(pipeline_rate(configs[kind], args.batches, 5,
+                                                         host=True))
 
     made = ", ".join(f"{kind} in {s:.1f} s" for kind, s in seconds.items() if s is not None)
     print(f"{args.images} JPEG scenes {args.width}x{args.height}, one face box each; train split "
@@ -205,14 +224,18 @@ def main() -> None:
           f"{args.workers} worker(s); {args.repeats} rounds, medians")
     print()
     print(f"| format | source (records/s) | / jpeg (per round) | pipeline (examples/s) | "
-          f"/ jpeg (per round) | cores for {args.target:,} ex/s |")
-    print("|---|---|---|---|---|---|")
+          f"/ jpeg (per round) | host path before (examples/s) | pipeline / host path "
+          f"(per round) | cores for {args.target:,} ex/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind in FORMATS:
         cells = []
         for what in ("source", "pipeline"):
             mine, jpeg = rates[kind, what], rates["jpeg", what]
             ratios = ", ".join(f"{m / j:.2f}" for m, j in zip(mine, jpeg))
             cells += [f"{statistics.median(mine):.0f}", ratios]
+        new, old = rates[kind, "pipeline"], rates[kind, "host"]
+        cells += [f"{statistics.median(old):.0f}",
+                  ", ".join(f"{n / o:.2f}" for n, o in zip(new, old))]
         cores = args.target / statistics.median(rates[kind, "pipeline"])
         print(f"| {kind} | {' | '.join(cells)} | {cores:.0f} |")
 

@@ -2,9 +2,15 @@
 
 Times the real jitted train step (fbnet_jax.train.step.make_train_step, all three task losses) on a
 device-resident batch, so the numbers are the model's, not the input pipeline's (see
-benchmarks/input_pipeline.py for that). Prints one table row per case:
+benchmarks/input_pipeline.py for that). Prints one table row per case and input:
 
   python benchmarks/train_throughput.py                       # CPU-sized cases
+  python benchmarks/train_throughput.py --inputs float uint8 augment   # side by side
+
+Inputs ("input" column): `float`, the float32 model input itself (the bare step); `uint8`, uint8
+faces as the pipeline delivers them, normalised in the step; `augment`, uint8 faces augmented
+(the config's data.augment: flip, zoom, shift, brightness, contrast) and normalised in the step,
+which is what `fbnet train` runs.
   python benchmarks/train_throughput.py --cases gpu           # TF32 float32 rows on NVIDIA
   python benchmarks/train_throughput.py --cases gpu --matmul_precision highest  # true FP32
 
@@ -31,6 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from data_pipelines import device_augment
 from fbnet_jax.runtime import parallel
 from fbnet_jax.core import runtime_defaults
 from fbnet_jax.train import loop as train
@@ -103,10 +110,17 @@ def load_config():
     return module.get_config("")
 
 
-def random_batch(batch_size: int, image_size: int, num_aus: int, rng: np.random.Generator):
+INPUTS = ("float", "uint8", "augment")
+
+
+def random_batch(batch_size: int, image_size: int, num_aus: int, rng: np.random.Generator,
+                 input_kind: str = "float"):
     """A fully labelled batch of the training layout (values do not matter for timing)."""
+    shape = (batch_size, image_size, image_size, 3)
+    image = (rng.uniform(-1, 1, shape).astype(np.float32) if input_kind == "float"
+             else rng.integers(0, 256, shape).astype(np.uint8))
     return {
-        "image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32),
+        "image": image, "row": np.arange(batch_size, dtype=np.int32),
         "expression": rng.integers(0, 7, batch_size).astype(np.int32),
         "expression_mask": np.ones(batch_size, np.float32),
         "au": rng.integers(0, 2, (batch_size, num_aus)).astype(np.float32),
@@ -130,7 +144,8 @@ def model_flops(step_fn, state, batch) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def bench(backbone: str, image_size: int, batch_size: int, dtype: str, steps: int):
+def bench(backbone: str, image_size: int, batch_size: int, dtype: str, steps: int,
+          input_kind: str = "float"):
     config = load_config()
     config.model.backbone = backbone
     config.model.dtype = dtype
@@ -138,9 +153,13 @@ def bench(backbone: str, image_size: int, batch_size: int, dtype: str, steps: in
     config.data.global_batch_size = batch_size
     mesh = parallel.create_mesh()
     model, tx, _, state = state_lib.create_state(config, mesh)
-    step_fn = jax.jit(train.make_train_step(model, tx, config.loss.weights), donate_argnums=0)
+    augment = (device_augment.DeviceAugment.from_config(config.data.augment)
+               if input_kind == "augment" else None)
+    step_fn = jax.jit(train.make_train_step(model, tx, config.loss.weights, augment=augment,
+                                            seed=config.seed), donate_argnums=0)
     batch = parallel.global_batch(
-        random_batch(batch_size, image_size, len(config.data.aus), np.random.default_rng(0)), mesh)
+        random_batch(batch_size, image_size, len(config.data.aus), np.random.default_rng(0),
+                     input_kind), mesh)
     start = time.perf_counter()
     lowered = step_fn.lower(state, batch)
     compiled = lowered.compile()
@@ -160,6 +179,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", choices=sorted(CASES), default="cpu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=["float"],
+                        help="the batch the step gets: float32 model input (the bare step), "
+                             "uint8 faces normalised in the step, or uint8 faces augmented and "
+                             "normalised in the step (what fbnet train runs)")
     parser.add_argument("--backbones", default="",
                         help="comma-separated: only the rows of these backbones (default: all)")
     parser.add_argument("--matmul_precision", choices=("default", "high", "highest"),
@@ -178,7 +201,7 @@ def main():
     peaks = PEAK_TFLOPS.get(device.device_kind, {})
     print(f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
           f"matmul precision {args.matmul_precision}")
-    header = (f"{'backbone':<10} {'size':>4} {'batch':>5} {'dtype':<8} {'matmul':<6}"
+    header = (f"{'backbone':<10} {'size':>4} {'batch':>5} {'dtype':<8} {'input':<7} {'matmul':<6}"
               f" {'ex/s':>9} {'ms/step':>8} {'compile s':>9} {'TFLOP/step':>10} {'TFLOP/s':>8}"
               f" {'peak':>6} {'MFU':>6}")
     print(header)
@@ -188,15 +211,17 @@ def main():
     for backbone, size, batch, dtype in CASES[args.cases]:
         if backbone not in only:
             continue
-        ex_s, ms, compile_s, tflop = bench(backbone, size, batch, dtype, args.steps)
-        achieved = tflop / (ms / 1e3)
-        arithmetic = matmul_arithmetic(device, dtype, args.matmul_precision)
-        peak = args.peak_tflops or peaks.get(arithmetic, 0.0)
-        peak_s = f"{peak:6.1f}" if peak else f"{'-':>6}"
-        mfu = f"{achieved / peak:6.1%}" if peak else f"{'-':>6}"
-        print(f"{backbone:<10} {size:>4} {batch:>5} {dtype:<8} {arithmetic:<6} {ex_s:9.1f} "
-              f"{ms:8.1f} {compile_s:9.1f} {tflop:10.4f} {achieved:8.2f} {peak_s} {mfu}",
-              flush=True)
+        for input_kind in args.inputs:
+            ex_s, ms, compile_s, tflop = bench(backbone, size, batch, dtype, args.steps,
+                                               input_kind)
+            achieved = tflop / (ms / 1e3)
+            arithmetic = matmul_arithmetic(device, dtype, args.matmul_precision)
+            peak = args.peak_tflops or peaks.get(arithmetic, 0.0)
+            peak_s = f"{peak:6.1f}" if peak else f"{'-':>6}"
+            mfu = f"{achieved / peak:6.1%}" if peak else f"{'-':>6}"
+            print(f"{backbone:<10} {size:>4} {batch:>5} {dtype:<8} {input_kind:<7} "
+                  f"{arithmetic:<6} {ex_s:9.1f} {ms:8.1f} {compile_s:9.1f} {tflop:10.4f} "
+                  f"{achieved:8.2f} {peak_s} {mfu}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """What training and evaluation batches share: this process's share, and the fixed transforms.
 
 Each process reads `global batch // process count` rows of every batch (`process_shard`,
-`per_process_batch`); every example is decoded and resized first (`prepare`) and normalized
-and given its label masks last (`finish`), with training's augmentation in between.
+`per_process_batch`); every example is decoded and resized (`prepare`) and given its label
+masks (`finish`). Images stay uint8 at the training size: augmentation and normalisation run on
+the device, in the train step (data_pipelines/device_augment.py).
 """
 
 from __future__ import annotations
@@ -46,5 +47,5 @@ def prepare(ds: grain.MapDataset, data_config: ml_collections.ConfigDict,
 
 
 def finish(ds: grain.MapDataset) -> grain.MapDataset:
-    """The image to float32 in [-1, 1), then label sentinels to (value, mask) pairs."""
-    return ds.map(transforms.Normalize()).map(transforms.ToMasks())
+    """Label sentinels to (value, mask) pairs; the image stays uint8."""
+    return ds.map(transforms.ToMasks())

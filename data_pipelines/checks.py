@@ -62,3 +62,17 @@ def problems(config: ml_collections.ConfigDict, num_devices: int,
         out.append(f"data.sources: {', '.join(untrainable)} have no 'train' split but a "
                    f"weight > 0 (set their weight to 0 to evaluate them only)")
     return out
+
+
+def warnings(config: ml_collections.ConfigDict) -> list[str]:
+    """Valid settings that cost speed: a uint8 preparation at another size than the training's
+    (every face is then resized on the host, every time it is read)."""
+    out = []
+    for name in pipeline.source_names(config.data):
+        size = config.data.sources[name].get("prepared_image_size", 0)
+        if size and size != config.data.image_size:
+            out.append(f"data.sources.{name}.prepared_image_size is {size}, data.image_size "
+                       f"{config.data.image_size}: every face is resized on the host each time "
+                       f"it is read; prepare a copy at {config.data.image_size} (fbnet prepare "
+                       f"--option image_size={config.data.image_size}) to read faces as stored")
+    return out

@@ -2,8 +2,9 @@
 
 `python -m data_pipelines.synthetic` shows a generator's raw records. This builds the data
 pipeline of an experiment config, exactly as training and evaluation do, and draws its first
-examples: each image after resize, augmentation (train only) and normalisation, mapped back to
-uint8 and enlarged with nearest neighbour, and under it the source name and the labels as
+examples: each image after resize, augmentation (train only, on the device as the train step
+does it: data_pipelines/device_augment.py) and normalisation, mapped back to uint8 and
+enlarged with nearest neighbour, and under it the source name and the labels as
 masked, i.e. only what the losses see:
 
   source         affwild2_like
@@ -30,11 +31,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import pipeline, schema, tiles
-from fbnet_jax.core import config_files, taxonomy
+from data_pipelines import device_augment, pipeline, schema, tiles
+from fbnet_jax.core import config_files, images, taxonomy
 from fbnet_jax.core.errors import UserError
 
 __all__ = ["SPLITS", "draw", "first_examples", "main", "tile_caption", "to_display"]
@@ -47,10 +49,6 @@ SPLITS = ("train", "validation", "test")
 DISPLAY_SIDE = 128
 TILE_WIDTH = 160
 TEXT_LINES = 6   # source, expression, AUs (up to 3 lines for 17 AUs), VA
-
-# `transforms.Normalize` maps uint8 x to (x - 128) / 128.
-_NORMALIZE_CENTRE = 128.0
-_NORMALIZE_SCALE = 128.0
 
 _DASH = "\u2013"   # en dash: "not labelled"
 
@@ -83,8 +81,9 @@ def first_examples(config: ml_collections.ConfigDict, split: str,
       n: examples wanted; an evaluation split may have fewer.
 
     Returns:
-      Batch fields (`image` float32 [m, H, W, 3] as normalised, labels and masks, `source`,
-      `key`), m = min(n, examples available); empty if the split has no examples.
+      Batch fields (`image` float32 [m, H, W, 3], the model input: augmented for "train",
+      normalised; labels and masks, `source`, `key`), m = min(n, examples available); empty
+      if the split has no examples.
 
     Raises:
       ValueError: the pipeline cannot be built from `config` (see `pipeline`).
@@ -92,25 +91,38 @@ def first_examples(config: ml_collections.ConfigDict, split: str,
     if split == "train":
         iterator = pipeline.build_train_iterator(config, process_index=0, process_count=1)
         try:
-            return _take(iterator, n)
+            return _take(_augmented(iterator, config), n)
         finally:
             # Stops worker processes (num_workers > 0) and frees their shared memory.
             pipeline.close_iterator(iterator)
     batches = iter(pipeline.build_eval_batches(config, split=split, process_index=0,
                                                process_count=1))
     try:
-        return _take(batches, n)
+        taken = _take(batches, n)
     finally:
         batches.close()   # closes the grain iterator inside when we stop early
+    if taken:
+        taken[schema.IMAGE] = images.to_model_input(taken[schema.IMAGE])
+    return taken
 
 
-def to_display(images: np.ndarray) -> np.ndarray:
-    """Undoes `transforms.Normalize`: float32 (x - 128) / 128 -> the uint8 x.
+def _augmented(batches: Iterable[Mapping[str, Any]],
+               config: ml_collections.ConfigDict) -> Iterable[dict[str, Any]]:
+    """Training batches as the train step makes them: batch n augmented with the keys of step n
+    (the model input, float32)."""
+    augment = jax.jit(device_augment.DeviceAugment.from_config(config.data.augment).augment)
+    for step, batch in enumerate(batches):
+        keys = device_augment.example_keys(config.seed, step, batch[schema.ROW])
+        yield {**batch, schema.IMAGE: np.asarray(augment(batch[schema.IMAGE], keys))}
+
+
+def to_display(model_input: np.ndarray) -> np.ndarray:
+    """Undoes `fbnet_jax.core.images.to_model_input`: float32 x * SCALE + OFFSET -> the uint8 x.
 
     Exact for every normalised uint8 value (the scale is a power of two); values outside the
     uint8 range are clipped.
     """
-    pixels = np.asarray(images, np.float32) * _NORMALIZE_SCALE + _NORMALIZE_CENTRE
+    pixels = (np.asarray(model_input, np.float32) - images.OFFSET) / images.SCALE
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -167,10 +179,10 @@ def draw(batch: Mapping[str, Any], source_names: Sequence[str], aus: Sequence[in
     Returns:
       The sheet, uint8 RGB (layout of `tiles.draw_sheet`, zoom `zoom_for(H)`).
     """
-    images = to_display(batch[schema.IMAGE])
-    captions = [tile_caption(batch, row, source_names, aus) for row in range(len(images))]
-    return tiles.draw_sheet(list(images), captions, path, columns=columns,
-                            zoom=zoom_for(images.shape[1]), min_width=TILE_WIDTH,
+    pixels = to_display(batch[schema.IMAGE])
+    captions = [tile_caption(batch, row, source_names, aus) for row in range(len(pixels))]
+    return tiles.draw_sheet(list(pixels), captions, path, columns=columns,
+                            zoom=zoom_for(pixels.shape[1]), min_width=TILE_WIDTH,
                             min_text_lines=TEXT_LINES)
 
 

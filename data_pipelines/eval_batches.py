@@ -92,9 +92,7 @@ class EvalBatches:
         size = self._data.image_size
         record = schema.make_record(np.zeros((size, size, 3), np.uint8), key="",
                                     num_aus=len(self._aus))
-        row = schema.to_masks(record)
-        row[schema.IMAGE] = np.zeros((size, size, 3), np.float32)
-        return row
+        return schema.to_masks(record)
 
 
 def _pad(batch: dict[str, Any] | None, padding_row: dict[str, Any],

@@ -1,4 +1,4 @@
-"""The training order: sources -> shuffle/repeat -> mix(weights) -> transforms -> batch.
+"""The training order: sources -> shuffle/repeat -> mix(weights) -> decode/resize -> batch.
 
 `build_train_iterator` draws an endless stream of per-process batches from a weighted mixture
 of sources; global batch n is a function of the config and n alone, whatever the number of
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from data_pipelines import batching, reading_board, schema, source_build, transforms, workers
+from data_pipelines import batching, reading_board, schema, source_build, workers
 from data_pipelines.source_config import render_cache_fields, source_names
 from fbnet_jax.core import taxonomy
 
@@ -58,26 +58,14 @@ def shuffle_seed(seed: int, source_name: str) -> int:
         [seed, zlib.crc32(source_name.encode()), 0x5EED]).generate_state(1)[0])
 
 
-def _augment(augment_config: ml_collections.ConfigDict) -> transforms.RandomAugment:
-    return transforms.RandomAugment(
-        flip=augment_config.flip, max_shift=augment_config.max_shift,
-        max_scale=augment_config.max_scale, brightness=augment_config.brightness,
-        contrast=augment_config.contrast)
-
-
-def _augment_seed(seed: int) -> int:
-    # random_map seeds each element from (this seed, its index in the global stream), so every
-    # example's jitter is the same whichever process reads it. (The 0 keeps the seed that
-    # single-process runs had when each process drew its own.)
-    return int(np.random.SeedSequence([seed, 0, 0xA06]).generate_state(1)[0])
-
-
 class _ProcessRows(grain.MapDataset):
     """This process's rows of each global batch of `parent`, a stream of examples.
 
     Global batch n is elements [n·G, (n+1)·G) of the parent; process p of P reads rows
     [p·b, (p+1)·b) of it (b = G / P). So element j here is parent element
     (j // b)·G + p·b + j % b, and only the rows this process feeds are ever read or decoded.
+    Each example carries its row in the global batch (`schema.ROW`, p·b + j % b): with the step,
+    it names the example's augmentation (`device_augment.example_keys`).
     """
 
     _MUTATES_ELEMENT_SPEC = False
@@ -97,7 +85,8 @@ class _ProcessRows(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         batch, row = divmod(index, self._rows)
-        return self._parent[batch * self._global_batch + self._offset + row]
+        record = self._parent[batch * self._global_batch + self._offset + row]
+        return {**record, schema.ROW: np.int32(self._offset + row)}
 
     def __str__(self) -> str:
         return (f"_ProcessRows(rows {self._offset}-{self._offset + self._rows - 1} of every "
@@ -110,15 +99,16 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
     """An endless iterator of this process's training batches from the weighted mixture.
 
     The data order is a function of the config and the step alone (docs/design.md#runtime): the
-    sources, each shuffled with a new order every epoch, are mixed into one stream of examples,
-    augmented with a seed per position in that stream, and cut into global batches of
-    `global_batch_size`. Process p of P reads rows [p·b, (p+1)·b) of each global batch
-    (b = global_batch_size // P), and only those. So global batch n holds the same examples,
-    with the same augmentation, whether 1 or 64 processes read it, and a run can continue on
-    another number of processes.
+    sources, each shuffled with a new order every epoch, are mixed into one stream of examples
+    and cut into global batches of `global_batch_size`. Process p of P reads rows [p·b, (p+1)·b)
+    of each global batch (b = global_batch_size // P), and only those. So global batch n holds
+    the same examples whether 1 or 64 processes read it, and a run can continue on another
+    number of processes. The train step augments each example with a key from (seed, step, row),
+    so the augmentation is a function of the step too.
 
-    Batches are dicts of numpy arrays: `image` float32 [b, H, W, 3], the fields of
-    `schema.BATCH_LABEL_FIELDS`, and `key` (str [b]). The first batch is global batch
+    Batches are dicts of numpy arrays: `image` uint8 [b, H, W, 3] at the training size, `row`
+    (int32 [b], the rows in the global batch), the fields of `schema.BATCH_LABEL_FIELDS`, and
+    `key` (str [b]). The first batch is global batch
     `start_step`, which is how a restored run continues exactly where it stopped: the
     iterator has no state of its own to checkpoint. Close it when done (see the module
     docstring).
@@ -168,8 +158,7 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
             datasets.append(grain.MapDataset.source(source).seed(seed).shuffle().repeat())
         mix_weights.append(float(weights[k]))
     ds = grain.MapDataset.mix(datasets, weights=mix_weights)
-    ds = batching.prepare(ds, data, aus)
-    ds = batching.finish(ds.random_map(_augment(data.augment), seed=_augment_seed(config.seed)))
+    ds = batching.finish(batching.prepare(ds, data, aus))
     ds = _ProcessRows(ds, data.global_batch_size, process_index, process_count)
     ds = ds.batch(batch_size, drop_remainder=True)[start_step:]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(

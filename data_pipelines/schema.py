@@ -11,9 +11,12 @@ A source yields one record per face (`make_record` builds one, `validate_record`
   key         str        original file / frame id
 
 `to_masks` (the last transform before batching) turns sentinels into value + mask, so a batch
-holds `image` float32 [B, H, W, 3] and, per example, the fields of `BATCH_LABEL_FIELDS`; an
-evaluation batch also holds `valid` (0 on padding rows) and `key`. Masked-out values are replaced
-by 0 so that no NaN can reach a gradient.
+holds `image` uint8 [B, H, W, 3] (the faces at the training size, as stored: the train step
+augments and normalises them on the device, evaluation normalises them) and, per example, the
+fields of `BATCH_LABEL_FIELDS`; a training batch also holds `row` (int32, each example's row in
+its global batch, from which the step derives the example's augmentation key), an evaluation
+batch `valid` (0 on padding rows) and `key`. Masked-out values are replaced by 0 so that no NaN
+can reach a gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ COMPOUND = "compound"
 SOURCE = "source"
 KEY = "key"
 VALID = "valid"
+ROW = "row"
 
 MISSING_EXPRESSION = -1
 MISSING_AU = -1

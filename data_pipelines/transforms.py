@@ -4,11 +4,14 @@ Each transform works alone on one record (a dict per `data_pipelines.schema`) an
 dict; none mutates its input, because a source may hand out the same object twice (a cache, a
 repeated index). The pipeline chains them in this order:
 
-  DecodeImage -> ResizeImage -> [ValidateRecord] -> RandomAugment (train only) -> Normalize
-  -> ToMasks -> batch
+  DecodeImage -> ResizeImage -> [ValidateRecord] -> ToMasks -> batch
 
-Images stay uint8 until `Normalize`, so decode, resize and augmentation work on the compact
-type OpenCV is fastest with, and the float conversion happens once.
+Images stay uint8 at the training size all the way to the device: the train step augments and
+normalises them there (data_pipelines/device_augment.py), so the host does no float work on a
+face. `RandomAugment` is the host-side augmentation the pipeline ran before (numpy and OpenCV,
+per record); nothing in the pipeline uses it now. It is kept as the reference that the device
+augmentation is tested against (tests/test_device_augment.py) and that the benchmarks time the
+old path with (benchmarks/input_sources.py).
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ import cv2
 import grain
 import numpy as np
 
-from data_pipelines import schema
-from fbnet_jax.core import images
+from data_pipelines import device_augment, schema
 
 # The field that carries an encoded (JPEG/PNG) image until `DecodeImage` replaces it by `image`.
 IMAGE_BYTES = "image_bytes"
@@ -91,14 +93,7 @@ class RandomAugment(grain.transforms.RandomMap):
     A horizontal flip keeps every label: the 7 expressions and valence/arousal are symmetric, and
     the AU list codes each AU for both sides of the face (no left/right variants).
 
-    Attributes:
-      flip: probability of a horizontal flip, in [0, 1].
-      max_shift: largest translation, as a fraction of the image side, in each direction.
-      max_scale: largest zoom in or out, as a fraction (0.08 -> scale in [0.92, 1.08]); zooming in
-        crops, zooming out fills the border by reflection.
-      brightness: largest brightness offset, as a fraction of the 0..255 range.
-      contrast: largest contrast change, as a fraction (0.15 -> factor in [0.85, 1.15]) about the
-        image's mean intensity.
+    The parameters, their meanings and checks are `device_augment.DeviceAugment`'s.
     """
     flip: float = 0.5
     max_shift: float = 0.0
@@ -107,12 +102,8 @@ class RandomAugment(grain.transforms.RandomMap):
     contrast: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"flip probability must lie in [0, 1], got {self.flip}")
-        for name in ("max_shift", "max_scale", "brightness", "contrast"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"augmentation {name} must lie in [0, 1), got {value}")
+        device_augment.DeviceAugment(self.flip, self.max_shift, self.max_scale, self.brightness,
+                                     self.contrast)   # raises ValueError on a bad parameter
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         u = rng.random(6)
@@ -150,21 +141,6 @@ class RandomAugment(grain.transforms.RandomMap):
         mean = pixels.mean()
         pixels = (pixels - mean) * factor + mean + offset
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-
-class Normalize(grain.transforms.Map):
-    """uint8 image -> float32 (x - 128) / 128, the paper's scaling to [-1, 1).
-
-    The scaling is `fbnet_jax.core.images.to_model_input`, the one definition inference and
-    export use too. Only uint8 input is accepted, so a pipeline that normalises twice fails loudly.
-    """
-
-    def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        image = np.asarray(record[schema.IMAGE])
-        if image.dtype != np.uint8:
-            raise ValueError(
-                f"record {_key(record)!r}: Normalize expects a uint8 image, got {image.dtype}")
-        return {**record, schema.IMAGE: images.to_model_input(image)}
 
 
 class ToMasks(grain.transforms.Map):

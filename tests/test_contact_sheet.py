@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from data_pipelines import contact_sheet, pipeline, schema, transforms
-from fbnet_jax.core import taxonomy
+from data_pipelines import contact_sheet, device_augment, pipeline, schema
+from fbnet_jax.core import images, taxonomy
 
 TINY = "configs/synthetic.py:tiny"
 # Tiny config: 32 px images, shown 4x (128 px) in 160 px wide tiles with 6 lines of 11 px text,
@@ -82,19 +82,25 @@ def test_tile_caption_shows_labels_as_masked():
 
 def test_to_display_inverts_normalize():
     values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=-1)
-    normalised = transforms.Normalize().map({schema.IMAGE: values})[schema.IMAGE]
+    normalised = images.to_model_input(values)
     np.testing.assert_array_equal(contact_sheet.to_display(normalised), values)
 
 
 def test_train_tiles_show_the_batches_training_consumes(tmp_path):
     config = load_config("synthetic.py", "tiny")
     batch = contact_sheet.first_examples(config, "train", 6)
-    # The first rows of the train iterator's first batch, augmentation included.
+    # The first rows of the train iterator's first batch, augmented as the train step augments
+    # step 0's batch.
     iterator = pipeline.build_train_iterator(config, process_index=0, process_count=1)
     try:
         first = next(iterator)
     finally:
         pipeline.close_iterator(iterator)
+    stored = first["image"]
+    augment = device_augment.DeviceAugment.from_config(config.data.augment)
+    first["image"] = np.asarray(augment.augment(
+        stored, device_augment.example_keys(config.seed, 0, first["row"])))
+    assert not np.array_equal(first["image"][:6], images.to_model_input(stored[:6]))
     for field, value in batch.items():
         np.testing.assert_array_equal(value, first[field][:6], err_msg=field)
     sheet = contact_sheet.draw(batch, pipeline.source_names(config.data), config.data.aus,

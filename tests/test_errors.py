@@ -48,8 +48,8 @@ def test_every_user_facing_error_is_a_user_error():
             "data_pipelines.workers.WorkerDied"} <= set(classes)
     others = {name for name, cls in classes.items() if not issubclass(cls, UserError)}
     assert others == set(INTERNAL), (
-        "an exception class that is not a UserError: derive it from fbnet_jax.core.errors.UserError "
-        "if its message is for the user, or list it in INTERNAL with the reason")
+        "an exception class that is not a UserError: derive it from "
+        "fbnet_jax.core.errors.UserError if its message is for the user, or list it in INTERNAL with the reason")
 
 
 def test_the_errors_import_without_jax():

@@ -1,4 +1,4 @@
-"""The evaluators of a config (fbnet_jax/eval/evaluators/) and their runs (fbnet_jax/eval/evaluate.py)."""
+"""The evaluators of a config (fbnet_jax/eval/evaluators/) and their runs (eval/evaluate.py)."""
 
 import copy
 import json

@@ -216,7 +216,14 @@ def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, 
     raw_prepared = config.copy_and_resolve_references()
     for name in roots:
         raw_prepared.data.sources[name].prepared_image_size = size
-    config_checks.validate(raw_prepared, num_devices=1, num_processes=1)
+    assert config_checks.validate(raw_prepared, num_devices=1, num_processes=1) == []
+    # A preparation at another size is read, resized on the host each time: said at the start.
+    other = raw_prepared.copy_and_resolve_references()
+    other.data.sources.faces_au.prepared_image_size = size * 2
+    assert config_checks.validate(other, num_devices=1, num_processes=1) == [
+        f"data.sources.faces_au.prepared_image_size is {size * 2}, data.image_size {size}: "
+        f"every face is resized on the host each time it is read; prepare a copy at {size} "
+        f"(fbnet prepare --option image_size={size}) to read faces as stored"]
     source = pipeline.build_source("faces_au", raw_prepared.data.sources.faces_au, split="test",
                                    aus=config.data.aus, source_index=0)
     assert source[0]["image"].shape == (size, size, 3) and "image_bytes" not in source[0]

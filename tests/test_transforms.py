@@ -8,6 +8,7 @@ from PIL import Image
 
 from data_pipelines import schema
 from data_pipelines import transforms
+from fbnet_jax.core import images
 
 NUM_AUS = 17
 
@@ -166,19 +167,18 @@ class TestRandomAugment:
             transforms.RandomAugment(**bad)
 
 
-class TestNormalize:
+class TestModelInput:
 
     def test_exact_values(self):
         image = np.array([0, 1, 127, 128, 129, 255], np.uint8)[:, None, None].repeat(3, -1)
-        out = transforms.Normalize().map(_record(image))[schema.IMAGE]
+        out = images.to_model_input(image)
         assert out.dtype == np.float32
         expected = np.array([-1.0, -127 / 128, -1 / 128, 0.0, 1 / 128, 127 / 128], np.float32)
         np.testing.assert_array_equal(out[:, 0, 0], expected)
 
     def test_rejects_float_input(self):
-        record = {**_record(), schema.IMAGE: np.zeros((4, 4, 3), np.float32)}
-        with pytest.raises(ValueError, match="face/0001.jpg"):
-            transforms.Normalize().map(record)
+        with pytest.raises(TypeError):
+            images.to_model_input(np.zeros((4, 4, 3), np.float32))
 
 
 class TestToMasks:

@@ -1,1 +1,1 @@
-"""What a config means over time: restart policy, differences of configs, stored-config migration."""
+"""What a config means over time: restart policy, config differences, stored-config migration."""

@@ -2,8 +2,9 @@
 
   model input = uint8 pixel · SCALE + OFFSET        (SCALE = 1/128, OFFSET = -1)
 
-i.e. (x - 128) / 128, the paper's scaling to [-1, 1). Training (data_pipelines/transforms.py,
-`Normalize`), inference and every export (fbnet_jax/serve/inference.py) use `to_model_input`, and
+i.e. (x - 128) / 128, the paper's scaling to [-1, 1). Training and evaluation (on the device:
+data_pipelines/device_augment.py), inference and every export (fbnet_jax/serve/inference.py) use
+`to_model_input`, and
 an exported model's metadata states SCALE and OFFSET, so no consumer has to know the formula.
 
 1/128 is a power of two, so the result is exact in float32: 0 -> -1, 128 -> 0, 255 -> 127/128.

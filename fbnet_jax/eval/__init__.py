@@ -1,1 +1,1 @@
-"""Measuring: metrics, evaluators, compound expressions, relatedness estimates, reports, comparisons."""
+"""Measuring: metrics, evaluators, compound expressions, relatedness estimates, reports."""

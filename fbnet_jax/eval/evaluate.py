@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from data_pipelines import pipeline
+from data_pipelines import device_augment, pipeline
 from fbnet_jax.runtime import checkpointing, parallel
 from fbnet_jax.eval import compound, evaluators, report
 from fbnet_jax.config import restart
@@ -38,8 +39,11 @@ class Interrupted(Exception):
 
 
 def make_predict_fn(model, keys=evaluators.TASK_OUTPUTS):
-    """A jitted `(state, image) -> outputs[keys]` with the network in inference mode."""
+    """A jitted `(state, image) -> outputs[keys]` with the network in inference mode; a uint8
+    image (the pipeline's) is normalised first, on the device."""
     def predict(state, image):
+        if image.dtype == jnp.uint8:
+            image = device_augment.normalize(image)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         return facebehaviornet.infer(model, variables, image, keys)
     return jax.jit(predict)

@@ -1,1 +1,1 @@
-"""Devices and state: the mesh, the jit/pmap step runner, multi-host start, TrainState, orbax checkpoints."""
+"""Devices and state: the mesh, the jit/pmap step runner, multi-host start, TrainState, checkpoints."""

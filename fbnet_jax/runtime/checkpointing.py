@@ -5,9 +5,10 @@ A step directory holds two items: `state` (the train state pytree, in the jit la
 data order is a function of the config and the step (data_pipelines/pipeline.py), so a run
 continues on exactly the batch where it stopped, on any number of processes. (Checkpoints of
 earlier versions also hold a `data` item, the grain iterator state; it is not read.) The config
-stored with a checkpoint is the authority for restoring and evaluating it. Saves are asynchronous; a save that dies half-way leaves a temporary
-directory that orbax ignores, so the previous checkpoint stays the latest. `save` refuses a state
-holding a NaN or an infinity, so no checkpoint ever holds one.
+stored with a checkpoint is the authority for restoring and evaluating it. Saves are
+asynchronous; a save that dies half-way leaves a temporary directory that orbax ignores, so the
+previous checkpoint stays the latest. `save` refuses a state holding a NaN or an infinity, so no
+checkpoint ever holds one.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         found += model_checks.build_problems(config)
     if found:
         raise ConfigError(found)
-    return warnings
+    return warnings + data_checks.warnings(config)
 
 
 def check_restart(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *,

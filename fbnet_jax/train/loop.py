@@ -33,7 +33,7 @@ import ml_collections
 import tensorboardX
 from clu import parameter_overview
 
-from data_pipelines import pipeline
+from data_pipelines import device_augment, pipeline
 from fbnet_jax.runtime import checkpointing
 from fbnet_jax.train import checks as config_checks
 from fbnet_jax.eval import evaluate, evaluators, metrics_log
@@ -268,7 +268,9 @@ def _step_runner(config, model, tx, mesh) -> parallel.StepRunner:
     train_step = parallel.StepRunner(make_train_step(
         model.clone(bn_axis_name=axis_name), tx, config.loss.weights, coupling,
         axis_name=axis_name, grad_accum_steps=train_cfg.grad_accum_steps,
-        nonfinite=train_cfg.nonfinite), mode, mesh)
+        nonfinite=train_cfg.nonfinite,
+        augment=device_augment.DeviceAugment.from_config(config.data.augment),
+        seed=config.seed), mode, mesh)
     log.info("step: %s over %d device(s)%s%s", "jax.pmap" if mode == "pmap" else "jax.jit",
              jax.device_count(), f", {train_cfg.grad_accum_steps} microbatches per step"
              if train_cfg.grad_accum_steps > 1 else "",

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from data_pipelines import device_augment
 from fbnet_jax.eval import metrics as metrics_lib
 from fbnet_jax.core import relatedness
 from fbnet_jax.model import losses
@@ -37,7 +38,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
                     coupling: losses.Coupling | None = None, *, axis_name: str | None = None,
-                    grad_accum_steps: int = 1, nonfinite: str = "stop"):
+                    grad_accum_steps: int = 1, nonfinite: str = "stop",
+                    augment: device_augment.DeviceAugment | None = None, seed: int = 0):
     """Returns the pure step `(state, batch) -> (state, metrics.StepMeans)`.
 
     Compile it with `parallel.StepRunner` (jit over the mesh, or pmap).
@@ -62,6 +64,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mappi
       nonfinite: "stop" applies every update (the loop stops the run when it sees a non-finite
         loss); "skip" keeps the state as it was when the loss or the gradient norm is not
         finite, and the step counts as skipped in the metrics.
+      augment, seed: a uint8 batch image (the pipeline's) is augmented on the device, each
+        example with its key from (seed, the state's step, the batch's `row`), then normalised;
+        without `augment` only normalised. A float batch image is taken as the model input
+        already (a benchmark's resident batch).
     """
     weights = dict(loss_weights)
     if nonfinite not in NONFINITE_POLICIES:
@@ -107,7 +113,17 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights: Mappi
             pull_back, (zeros, state.batch_stats), (micro["image"], rngs, output_grads))
         return terms, grads, batch_stats
 
+    def model_input(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
+        images = batch["image"]
+        if images.dtype != jnp.uint8:
+            return images
+        if augment is None:
+            return device_augment.normalize(images)
+        return augment.augment(images, device_augment.example_keys(seed, state.step,
+                                                                   batch["row"]))
+
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        batch = {**batch, "image": model_input(state, batch)}
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
