@@ -68,8 +68,6 @@ class _ProcessRows(grain.MapDataset):
     it names the example's augmentation (`device_augment.example_keys`).
     """
 
-    _MUTATES_ELEMENT_SPEC = False
-
     def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
                  process_count: int):
         super().__init__(parent)
