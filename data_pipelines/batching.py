@@ -1,19 +1,21 @@
 """What training and evaluation batches share: this process's share, and the fixed transforms.
 
 Each process reads `global batch // process count` rows of every batch (`process_shard`,
-`per_process_batch`); every example is decoded and resized (`prepare`) and given its label
-masks (`finish`). Images stay uint8 at the training size: augmentation and normalisation run on
-the device, in the train step (data_pipelines/device_augment.py).
+`per_process_batch`); every example is decoded and resized (`prepare`), and each batch is
+stacked with its label masks (`collate`). Images stay uint8 at the training size: augmentation
+and normalisation run on the device, in the train step (data_pipelines/device_augment.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import ml_collections
+import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import schema, transforms
 
 
 def process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -46,6 +48,18 @@ def prepare(ds: grain.MapDataset, data_config: ml_collections.ConfigDict,
     return ds
 
 
-def finish(ds: grain.MapDataset) -> grain.MapDataset:
-    """Label sentinels to (value, mask) pairs; the image stays uint8."""
-    return ds.map(transforms.ToMasks())
+def collate(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Records -> one batch: the batch fields stacked, sentinels turned into (value, mask) pairs
+    (`schema.to_masks`, vectorised over the batch); the images stay uint8.
+
+    The `batch_fn` of every training and evaluation batch. Only the fields a batch holds are
+    stacked (a source's other fields are dropped here).
+    """
+    fields = _STACKED + ((schema.ROW,) if schema.ROW in records[0] else ())
+    stacked = {field: np.stack([record[field] for record in records]) for field in fields}
+    stacked[schema.KEY] = np.array([record[schema.KEY] for record in records], dtype=str)
+    return schema.to_masks(stacked)
+
+
+_STACKED = (schema.IMAGE, schema.EXPRESSION, schema.AU, schema.VA, schema.COMPOUND,
+            schema.SOURCE)

@@ -72,9 +72,9 @@ class EvalBatches:
         emitted = 0
         padding_row = self._padding_row()
         if self._shards:
-            ds = batching.finish(batching.prepare(
-                grain.MapDataset.concatenate(self._shards), self._data, self._aus))
-            ds = ds.batch(self.batch_size, drop_remainder=False)
+            ds = batching.prepare(grain.MapDataset.concatenate(self._shards), self._data,
+                                  self._aus)
+            ds = ds.batch(self.batch_size, drop_remainder=False, batch_fn=batching.collate)
             it = iter(ds.to_iter_dataset(grain.ReadOptions(
                 num_threads=self._data.read_threads,
                 prefetch_buffer_size=self._data.prefetch_buffer_size)))

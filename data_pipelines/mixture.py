@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from data_pipelines import batching, reading_board, schema, source_build, workers
+from data_pipelines.reading_board import batched_read
 from data_pipelines.source_config import render_cache_fields, source_names
 from fbnet_jax.core import taxonomy
 
@@ -58,23 +59,26 @@ def shuffle_seed(seed: int, source_name: str) -> int:
         [seed, zlib.crc32(source_name.encode()), 0x5EED]).generate_state(1)[0])
 
 
-class _ProcessRows(grain.MapDataset):
-    """This process's rows of each global batch of `parent`, a stream of examples.
+class _ProcessBatches(grain.MapDataset):
+    """This process's batches of `parent`, a stream of examples, each read with one batched call.
 
     Global batch n is elements [n·G, (n+1)·G) of the parent; process p of P reads rows
-    [p·b, (p+1)·b) of it (b = G / P). So element j here is parent element
-    (j // b)·G + p·b + j % b, and only the rows this process feeds are ever read or decoded.
-    Each example carries its row in the global batch (`schema.ROW`, p·b + j % b): with the step,
-    it names the example's augmentation (`device_augment.example_keys`).
+    [p·b, (p+1)·b) of it (b = G / P). So element n here is parent elements
+    n·G + p·b + r for r in [0, b), and only the rows this process feeds are ever read or
+    decoded. They are fetched together (`_getitems`, which grain passes down through the mixture,
+    the shuffles and the maps to each source; a source with a batched read of its own serves
+    them in one call) and stacked by `batching.collate`. Each example carries its row in the
+    global batch (`schema.ROW`, p·b + r): with the step, it names the example's augmentation
+    (`device_augment.example_keys`).
     """
 
     def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
                  process_count: int):
         super().__init__(parent)
         self._global_batch = global_batch
-        self._rows = global_batch // process_count
-        self._offset = process_index * self._rows
-        self._length = len(parent) // global_batch * self._rows
+        self._rows = np.arange(process_index * (global_batch // process_count),
+                               (process_index + 1) * (global_batch // process_count))
+        self._length = len(parent) // global_batch
 
     def __len__(self) -> int:
         return self._length
@@ -82,12 +86,18 @@ class _ProcessRows(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        batch, row = divmod(index, self._rows)
-        record = self._parent[batch * self._global_batch + self._offset + row]
-        return {**record, schema.ROW: np.int32(self._offset + row)}
+        with self._stats.record_self_time():
+            first = int(index) * self._global_batch
+            records = self._read([first + int(row) for row in self._rows])
+            rows = [{**record, schema.ROW: np.int32(row)}
+                    for record, row in zip(records, self._rows)]
+            return self._stats.record_output_spec(batching.collate(rows))
+
+    def _read(self, indices: list[int]) -> list:
+        return self._parent._getitems(indices)  # pylint: disable=protected-access
 
     def __str__(self) -> str:
-        return (f"_ProcessRows(rows {self._offset}-{self._offset + self._rows - 1} of every "
+        return (f"_ProcessBatches(rows {self._rows[0]}-{self._rows[-1]} of every "
                 f"{self._global_batch})")
 
 
@@ -132,8 +142,8 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
     """
     data = config.data
     process_index, process_count = batching.process_shard(process_index, process_count)
-    batch_size = batching.per_process_batch(data.global_batch_size, process_count,
-                                            "config.data.global_batch_size")
+    batching.per_process_batch(data.global_batch_size, process_count,
+                               "config.data.global_batch_size")
     aus = taxonomy.check_au_list(data.aus)
     weights = mixture_weights(data)
     datasets, mix_weights = [], []
@@ -156,9 +166,8 @@ def build_train_iterator(config: ml_collections.ConfigDict, *, process_index: in
             datasets.append(grain.MapDataset.source(source).seed(seed).shuffle().repeat())
         mix_weights.append(float(weights[k]))
     ds = grain.MapDataset.mix(datasets, weights=mix_weights)
-    ds = batching.finish(batching.prepare(ds, data, aus))
-    ds = _ProcessRows(ds, data.global_batch_size, process_index, process_count)
-    ds = ds.batch(batch_size, drop_remainder=True)[start_step:]
+    ds = _ProcessBatches(batching.prepare(ds, data, aus), data.global_batch_size, process_index,
+                         process_count)[start_step:]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size))
     if data.num_workers > 0:
@@ -192,6 +201,9 @@ class _Rows(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int):
         return self._source[int(self._indices[index])]
+
+    def _getitems(self, indices):
+        return batched_read(self._source, [int(self._indices[i]) for i in indices])
 
 
 def _class_balanced(source, labels: np.ndarray, seed: int) -> grain.MapDataset:

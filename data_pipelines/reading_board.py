@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -95,6 +95,13 @@ class Noted(grain.sources.RandomAccessDataSource):
         _KEY.pack_into(board.memory, offset + _KEY_OFFSET, 1, len(key), key)
         return record
 
+    def _getitems(self, indices: Sequence[int]) -> list:
+        """Records `indices`: with the source's batched read where it has one (outside a worker),
+        else one at a time, each noted (inside a worker), so that a death names its record."""
+        if _worker_board is None:
+            return batched_read(self.source, indices)
+        return [self[index] for index in indices]
+
     def key_of(self, index: int) -> str:
         """Record `index`'s key from the source's `labels` (which reads no image); "" for a
         source without them, or if they fail."""
@@ -106,6 +113,13 @@ class Noted(grain.sources.RandomAccessDataSource):
         except Exception:  # pylint: disable=broad-except  # only for a message
             return ""
         return key if isinstance(key, str) else ""
+
+
+def batched_read(source, indices: Sequence[int]) -> list:
+    """Records `indices` of `source`: its batched read (`_getitems`, grain's interface for one)
+    where it has one, else one `source[i]` at a time."""
+    read = getattr(source, "_getitems", None)
+    return list(read(indices)) if read is not None else [source[i] for i in indices]
 
 
 # This process's Noted sources by name: the keys of records that a worker died reading.

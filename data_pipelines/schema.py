@@ -10,7 +10,7 @@ A source yields one record per face (`make_record` builds one, `validate_record`
   source      int32 []   index of the source in the mixture
   key         str        original file / frame id
 
-`to_masks` (the last transform before batching) turns sentinels into value + mask, so a batch
+`to_masks` (applied to each batch as it is stacked) turns sentinels into value + mask, so a batch
 holds `image` uint8 [B, H, W, 3] (the faces at the training size, as stored: the train step
 augments and normalises them on the device, evaluation normalises them) and, per example, the
 fields of `BATCH_LABEL_FIELDS`; a training batch also holds `row` (int32, each example's row in
@@ -103,28 +103,33 @@ def validate_record(record: Mapping[str, Any], num_aus: int = len(taxonomy.AUS))
 
 
 def to_masks(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Turns the sentinels of one record into (value, mask) pairs with safe values.
+    """Turns the sentinels of one record, or of a batch of them (every field stacked along a
+    leading axis), into (value, mask) pairs with safe values.
 
-    The image is passed through unchanged (normalisation is a transform of its own).
+    Keeps only the batch fields: the image (passed through unchanged), `key`, `row` where
+    present, and `BATCH_LABEL_FIELDS`.
     """
-    expression = np.int32(record[EXPRESSION])
+    expression = np.asarray(record[EXPRESSION], np.int32)
     au = np.asarray(record[AU])
     va = np.asarray(record[VA], np.float32)
-    compound = np.int32(record[COMPOUND])
+    compound = np.asarray(record[COMPOUND], np.int32)
     expression_mask = expression != MISSING_EXPRESSION
     au_mask = au != MISSING_AU
-    va_mask = not np.isnan(va).any()
+    va_mask = ~np.isnan(va).any(axis=-1)
     compound_mask = compound != MISSING_COMPOUND
-    return {
+    out = {
         IMAGE: record[IMAGE],
-        EXPRESSION: np.int32(expression if expression_mask else 0),
-        "expression_mask": np.float32(expression_mask),
+        EXPRESSION: np.where(expression_mask, expression, 0).astype(np.int32),
+        "expression_mask": expression_mask.astype(np.float32),
         AU: np.where(au_mask, au, 0).astype(np.float32),
         "au_mask": au_mask.astype(np.float32),
-        VA: (va if va_mask else np.zeros(2, np.float32)),
-        "va_mask": np.float32(va_mask),
-        COMPOUND: np.int32(compound if compound_mask else 0),
-        "compound_mask": np.float32(compound_mask),
-        SOURCE: np.int32(record[SOURCE]),
+        VA: np.where(va_mask[..., None], va, 0).astype(np.float32),
+        "va_mask": va_mask.astype(np.float32),
+        COMPOUND: np.where(compound_mask, compound, 0).astype(np.int32),
+        "compound_mask": compound_mask.astype(np.float32),
+        SOURCE: np.asarray(record[SOURCE], np.int32),
         KEY: record[KEY],
     }
+    if ROW in record:
+        out[ROW] = np.asarray(record[ROW], np.int32)
+    return out

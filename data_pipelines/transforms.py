@@ -4,7 +4,8 @@ Each transform works alone on one record (a dict per `data_pipelines.schema`) an
 dict; none mutates its input, because a source may hand out the same object twice (a cache, a
 repeated index). The pipeline chains them in this order:
 
-  DecodeImage -> ResizeImage -> [ValidateRecord] -> ToMasks -> batch
+  DecodeImage -> ResizeImage -> [ValidateRecord] -> batch (`batching.collate`: stacks the
+  batch fields and turns label sentinels into masks, vectorised over the batch)
 
 Images stay uint8 at the training size all the way to the device: the train step augments and
 normalises them there (data_pipelines/device_augment.py), so the host does no float work on a
@@ -141,16 +142,6 @@ class RandomAugment(grain.transforms.RandomMap):
         mean = pixels.mean()
         pixels = (pixels - mean) * factor + mean + offset
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-
-class ToMasks(grain.transforms.Map):
-    """Sentinels -> (value, mask) pairs with safe zeros (`schema.to_masks`).
-
-    The last transform before batching: it keeps only the batch fields.
-    """
-
-    def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        return schema.to_masks(record)
 
 
 class ValidateRecord(grain.transforms.Map):

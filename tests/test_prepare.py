@@ -177,6 +177,75 @@ def test_raw_preparation_holds_the_faces_resized_as_the_pipeline_would(prepared)
     assert image.tobytes() not in b"".join(p.read_bytes() for p in png.glob("*.array_record*"))
 
 
+def test_raw_preparation_is_stored_uncompressed_and_read_in_batches(tmp_path):
+    manual = _dataset(tmp_path / "manual")
+    data_dir = tmp_path / "prepared"
+    assert _run("manifest", manual, data_dir, ["image_size=6"], False)[0] == 0
+    raw = faces.prepared_dir(data_dir, "manifest", {"image_size": 6})
+    shards = faces.record_files(raw)
+    assert len(shards) == 3 and not any(faces.is_compressed(p) for p in shards)
+    # An example's 108 pixel bytes are stored as they are, whole in the file.
+    source = open_prepared(data_dir, "train", dataset="manifest", image_size=6)
+    records = [source[i] for i in range(len(source))]
+    assert records[0]["image"].tobytes() in b"".join(p.read_bytes() for p in shards)
+    # The batched read (grain's `_getitems`) gives the records one read gives, indices past
+    # the end wrapping as they do; each label has the dtype `schema.make_record` gives it.
+    indices = [2, 0, 2, 1 + len(source)]
+    _assert_same_records(source._getitems(indices), [records[i % len(source)] for i in indices])
+    # Both read what TFDS's own decoder reads from the records.
+    _assert_same_records(records, [source.decoded(i) for i in range(len(source))])
+
+
+def test_a_compressed_raw_preparation_reads_the_same_and_is_rewritten_uncompressed(tmp_path):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    manual = _dataset(tmp_path / "manual")
+    data_dir = tmp_path / "prepared"
+    _run("manifest", manual, data_dir, ["image_size=6"], False)
+    raw = faces.prepared_dir(data_dir, "manifest", {"image_size": 6})
+    before = {split: [r for r in _read_all(data_dir, split)] for split in faces.SPLITS}
+    for path in faces.record_files(raw):  # as TFDS writes them (zstd), before this change
+        reader = array_record_module.ArrayRecordReader(str(path))
+        records = reader.read_all()
+        reader.close()
+        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
+    assert all(faces.is_compressed(p) for p in faces.record_files(raw))
+    for split in faces.SPLITS:
+        _assert_same_records(_read_all(data_dir, split), before[split])
+    # Preparing the same options again rewrites the files, and only the files, uncompressed.
+    labels = {p.name: p.read_bytes() for p in raw.iterdir() if "array_record" not in p.name}
+    status, lines = _run("manifest", manual, data_dir, ["image_size=6"], False)
+    assert status == 0 and lines[0] == (f"manifest: already prepared in {raw}; its 3 record "
+                                        f"file(s) rewritten uncompressed (read faster)")
+    assert _run("manifest", manual, data_dir, ["image_size=6"], False)[1][0] == (
+        f"manifest: already prepared in {raw}; nothing written")
+    assert not any(faces.is_compressed(p) for p in faces.record_files(raw))
+    assert labels == {p.name: p.read_bytes() for p in raw.iterdir()
+                      if "array_record" not in p.name}
+    assert faces.store_uncompressed(raw) == 0
+    for split in faces.SPLITS:
+        _assert_same_records(_read_all(data_dir, split), before[split])
+
+
+def test_a_raw_record_of_another_size_is_an_error_naming_the_folder(tmp_path):
+    manual = _dataset(tmp_path / "manual")
+    data_dir = tmp_path / "prepared"
+    _run("manifest", manual, data_dir, ["image_size=6"], False)
+    source = open_prepared(data_dir, "test", dataset="manifest", image_size=6)
+    source._size = 5  # what a record of a 5 px face in a 6 px preparation reads as
+    with pytest.raises(DatasetError, match=re.escape(
+            f"{source.root}: record 1 of split 'test' holds an image of 108 bytes, not the "
+            f"5x5x3 uint8 bytes of this preparation; prepare it again")):
+        source[1]
+
+
+def _read_all(data_dir, split):
+    source = open_prepared(data_dir, split, dataset="manifest", image_size=6)
+    return [source[i] for i in range(len(source))]
+
+
 def test_config_names_follow_the_options():
     name = faces.config_name
     assert name("manifest", {}) == name("manifest", {"seed": 0, "margin": 0.2})

@@ -236,6 +236,45 @@ def test_a_config_source_reads_the_prepared_copy_the_command_wrote(tiny_config, 
     np.testing.assert_array_equal(eval_images(raw_prepared), eval_images(config))
 
 
+def test_train_batches_of_raw_preparations_are_the_datasets_batches(tiny_config, tmp_path,
+                                                                    monkeypatch):
+    roots = _two_datasets(tmp_path)
+    config = _config(tiny_config, roots)
+    config.data.sources.faces_expr.balance_expressions = True
+    config.data.global_batch_size = 6
+    raw_prepared = config.copy_and_resolve_references()
+    for name, root in roots.items():
+        prepare.prepare("manifest", root, tmp_path / name, {"image_size": 16})
+        raw_prepared.data.sources[name].prepared = str(tmp_path / name)
+        raw_prepared.data.sources[name].prepared_image_size = 16
+    config.data.image_size = raw_prepared.data.image_size = 16
+
+    def batches(config, process_index=0, process_count=1):
+        with contextlib.closing(pipeline.build_train_iterator(
+                config, process_index=process_index, process_count=process_count,
+                start_step=3)) as it:
+            return [next(it) for _ in range(12)]
+
+    # The datasets decoded one record at a time (no source of theirs has a batched read) and
+    # their raw preparations read in batches (`_getitems`, pixels as stored) give equal batches.
+    expected = batches(config)
+    for got, want in zip(batches(raw_prepared), expected):
+        assert sorted(got) == sorted(want)
+        for field in want:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+            assert got[field].dtype == want[field].dtype, field
+    # And so do they with every read made one example at a time, through grain's own
+    # per-element path, on one process or split over two.
+    monkeypatch.setattr("data_pipelines.mixture._ProcessBatches._read",
+                        lambda self, indices: [self._parent[i] for i in indices])
+    for process_count in (1, 2):
+        halves = [batches(raw_prepared, p, process_count) for p in range(process_count)]
+        for n, want in enumerate(expected):
+            for field in want:
+                np.testing.assert_array_equal(
+                    np.concatenate([h[n][field] for h in halves]), want[field], err_msg=field)
+
+
 def test_prepared_source_entries(tiny_config, tmp_path):
     entry = pipeline.prepared_source("manifest", str(tmp_path), weight=0.5, seed=2)
     assert entry.to_dict() == {"kind": "prepared", "dataset": "manifest", "data_dir": str(tmp_path),

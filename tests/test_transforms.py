@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import schema
+from data_pipelines import batching, schema
 from data_pipelines import transforms
 from fbnet_jax.core import images
 
@@ -184,7 +184,7 @@ class TestModelInput:
 class TestToMasks:
 
     def test_all_missing_gives_zero_masks_and_safe_values(self):
-        out = transforms.ToMasks().map(_record())
+        out = schema.to_masks(_record())
         assert out["expression_mask"] == 0 and out[schema.EXPRESSION] == 0
         assert out["compound_mask"] == 0 and out[schema.COMPOUND] == 0
         assert out["va_mask"] == 0
@@ -197,7 +197,7 @@ class TestToMasks:
     def test_labels_and_partial_aus(self):
         au = np.full(NUM_AUS, schema.MISSING_AU, np.int8)
         au[:3] = [1, 0, 1]
-        out = transforms.ToMasks().map(_record(expression=6, au=au, va=[0.25, -0.5], compound=10))
+        out = schema.to_masks(_record(expression=6, au=au, va=[0.25, -0.5], compound=10))
         assert out["expression_mask"] == 1 and out[schema.EXPRESSION] == 6
         assert out["compound_mask"] == 1 and out[schema.COMPOUND] == 10
         assert out["va_mask"] == 1
@@ -206,6 +206,28 @@ class TestToMasks:
         np.testing.assert_array_equal(out[schema.AU], [1, 0, 1] + [0] * (NUM_AUS - 3))
         assert out[schema.AU].dtype == np.float32 and out["au_mask"].dtype == np.float32
         assert out[schema.SOURCE] == 1 and out[schema.KEY] == "face/0001.jpg"
+
+
+    def test_collate_equals_each_record_masked_then_stacked(self):
+        au = np.full(NUM_AUS, schema.MISSING_AU, np.int8)
+        au[[0, 5]] = [1, 0]
+        records = [_record(), _record(expression=6, au=au, va=[0.25, -0.5], compound=10),
+                   _record(expression=0, va=[1.0, 1.0])]
+        for row, record in enumerate(records):
+            record[schema.ROW] = np.int32(row + 8)
+            record["group"] = f"subject-{row}"   # a source's own field: not a batch field
+        batch = batching.collate(records)
+        one_by_one = [schema.to_masks(record) for record in records]
+        assert sorted(batch) == sorted(one_by_one[0])
+        assert schema.ROW in batch and "group" not in batch
+        for field, value in batch.items():
+            expected = np.stack([np.asarray(out[field]) for out in one_by_one])
+            assert value.dtype == expected.dtype, field
+            np.testing.assert_array_equal(value, expected, err_msg=field)
+        np.testing.assert_array_equal(batch["va_mask"], [0, 1, 1])
+        np.testing.assert_array_equal(batch[schema.ROW], [8, 9, 10])
+        np.testing.assert_array_equal(batch["au_mask"][1, :6], [1, 0, 0, 0, 0, 1])
+        assert batch[schema.IMAGE].dtype == np.uint8 and batch[schema.IMAGE].shape[0] == 3
 
 
 class TestValidateRecord:

@@ -106,6 +106,7 @@ class Summary:
     skipped: dict[str, dict[str, int]]
     dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     noted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    rewritten: int = 0  # record files of an earlier raw uint8 preparation stored uncompressed now
 
     def _metadata(self) -> dict[str, Any]:
         """The counts as a preparation's metadata holds them (for `faces.empty_reason`)."""
@@ -116,6 +117,9 @@ class Summary:
         """The summary as `fbnet prepare` prints it."""
         if self.written:
             head = f"{self.dataset}: prepared in {self.directory}"
+        elif self.rewritten:
+            head = (f"{self.dataset}: already prepared in {self.directory}; its "
+                    f"{self.rewritten} record file(s) rewritten uncompressed (read faster)")
         else:
             head = f"{self.dataset}: already prepared in {self.directory}; nothing written"
         options = ", ".join(f"{k}={option_text(v)}" for k, v in sorted(self.options.items()))
@@ -196,6 +200,9 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
                 download_dir=downloads, file_format="array_record",
                 download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
     metadata = faces.read_metadata(directory)
+    rewritten = 0
+    if metadata["options"].get("image_size"):  # raw uint8 faces: read without decompressing
+        rewritten = faces.store_uncompressed(directory)
     source_dir = metadata.get("manual_dir")
     if not written and source_dir and source_dir != os.path.abspath(manual_dir):
         raise DatasetError(
@@ -204,7 +211,7 @@ def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.Path
             f"--data_dir (a data_dir holds one preparation per dataset and options)")
     return Summary(dataset, os.fspath(directory), metadata["options"], written,
                    metadata["records"], metadata["skipped"], metadata.get("dropped", {}),
-                   metadata.get("noted", {}))
+                   metadata.get("noted", {}), rewritten=0 if written else rewritten)
 
 
 def run_command(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
