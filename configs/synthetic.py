@@ -90,6 +90,7 @@ def get_config(arg: str = ""):
     data.worker_buffer_size = 4           # batches each worker prepares ahead
     data.read_threads = 1                 # grain read threads (per worker)
     data.prefetch_buffer_size = 8         # grain prefetch buffer (batches, per worker)
+    data.device_prefetch = 2   # batches placed on the devices ahead of the step (0: none)
     data.validate_records = False         # check every record against the schema (slower)
     # Where sources with `cache` keep their rendered faces: a folder (the demo's: the user's
     # cache folder): rendered there before training by `render_processes` processes (0: one per

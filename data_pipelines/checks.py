@@ -37,6 +37,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int,
     checks.in_range(out, "data.worker_buffer_size", data.worker_buffer_size, 1, integer=True)
     checks.in_range(out, "data.read_threads", data.read_threads, 1, integer=True)
     checks.in_range(out, "data.prefetch_buffer_size", data.prefetch_buffer_size, 0, integer=True)
+    checks.in_range(out, "data.device_prefetch", data.get("device_prefetch", 0), 0, integer=True)
     checks.in_range(out, "data.render_processes", data.get("render_processes", 0), 0,
                     integer=True)
     cache_dir = data.get("render_cache_dir", "")

@@ -38,6 +38,7 @@ BAD_FIELDS = [
                                    "devices of this machine; use a multiple of 8"),
     ("data.augment.flip", 1.5, "data.augment.flip: must be >= 0 and <= 1, got 1.5"),
     ("data.num_workers", -2, "data.num_workers: must be >= 0, got -2"),
+    ("data.device_prefetch", -1, "data.device_prefetch: must be >= 0, got -1"),
     ("seed", -1, "seed: must be >= 0 and < 4294967296, got -1"),
     ("name", "my/run", "name: 'my/run' must be letters, digits, '_', '.' or '-' (it names the "
                        "default work directory)"),
@@ -157,7 +158,9 @@ def test_bookkeeping_fields_may_change(tiny_config):
     changed = load_config("synthetic.py", "tiny")
     changed.train.log_every = 7
     changed.data.eval_batch_size = 8
+    changed.data.device_prefetch = 0
     assert config_checks.check_restart(tiny_config, changed, step=4) == [
+        "changed (no effect on the training): data.device_prefetch: 2 -> 0",
         "changed (no effect on the training): data.eval_batch_size: 32 -> 8",
         "changed (no effect on the training): train.log_every: 2 -> 7"]
 

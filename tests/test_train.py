@@ -397,3 +397,19 @@ def test_schedule_peaks_and_survives_runs_shorter_than_the_warm_up(tiny_config, 
         assert float(lr(100)) == pytest.approx(peak * tiny_config.optimizer.end_learning_rate_factor)
     _, short = state_lib.create_optimizer(tiny_config.optimizer, 2)  # shorter than the warm-up
     assert all(math.isfinite(float(short(s))) for s in range(4))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_batches_are_placed_depth_ahead_in_order(depth):
+    placed = []
+
+    def place(batch):
+        placed.append(batch)
+        return -batch
+
+    batches = train.placed_ahead(iter(range(10)), place, depth)
+    for n in range(8):
+        assert next(batches) == (n, -n)
+        # When batch n is handed to the step, batches n+1 .. n+depth are already placed.
+        assert placed == list(range(n + depth + 1))
+    assert list(batches) == [(8, -8), (9, -9)]

@@ -21,6 +21,7 @@ ADDED_FIELDS = {
     "loss.co_annotation.au_targets": "hard",
     "data.render_cache_dir": "",
     "data.render_processes": 0,
+    "data.device_prefetch": 0,
     "parallel.mode": "jit",
     "train.grad_accum_steps": 1,
     "train.nonfinite": "stop",

@@ -34,7 +34,7 @@ FREE_FIELDS = (
     "name",
     "data.num_workers", "data.eval_batch_size", "data.read_threads", "data.prefetch_buffer_size",
     "data.worker_buffer_size", "data.validate_records", "data.render_cache_dir",
-    "data.render_processes",
+    "data.render_processes", "data.device_prefetch",
     "data.sources.*.validation_size", "data.sources.*.test_size", "data.sources.*.cache",
     "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
     "train.profile_steps", "train.nonfinite",

@@ -20,12 +20,14 @@ The lifecycle of a run (docs/design.md#runtime):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -172,6 +174,7 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals,
         # The data order is a function of the step: the iterator starts at the step's batch.
         data_iterator = pipeline.build_train_iterator(config, start_step=latest or 0)
         stack.callback(pipeline.close_iterator, data_iterator)
+        batches = placed_ahead(data_iterator, train_step.batch, config.data.device_prefetch)
         writer = stack.enter_context(tensorboardX.SummaryWriter(
             str(workdir / "tensorboard"))) if is_main else None
         if is_main:  # only now: a restart that failed has not replaced the run's config
@@ -189,8 +192,7 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals,
         last_checkpoint = manager.latest_step()
         eval_metrics, best_metric_missing_warned = None, False
         while step < stop_at and not stop.requested(agree=step == start):
-            local_batch = next(data_iterator)
-            batch = train_step.batch(local_batch)
+            local_batch, batch = next(batches)
             if step == start:  # compile ahead of the call, to report its time and memory
                 compile_start = time.perf_counter()
                 compiled = train_step.compile(state, batch)
@@ -254,6 +256,23 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals,
             return TrainingStopped(step, num_steps, "train.stop_after_steps", workdir)
         return _final_evaluation(config, workdir, mesh, model, train_step.global_state(state),
                                  step, writer, records, stop, predict_fns)
+
+
+def placed_ahead(iterator: Iterator[Any], place: Callable[[Any], Any],
+                 depth: int) -> Iterator[tuple[Any, Any]]:
+    """(batch, place(batch)) for each batch of `iterator`, with `depth` batches placed ahead.
+
+    Placing a batch on the devices starts its transfer and returns at once, so the transfers of
+    the next `depth` batches run while the step computes (0: each batch is placed when the step
+    takes it). The batches come in `iterator`'s order; those placed ahead when the loop stops
+    are dropped (the iterator has no state to lose: batch n is a function of the step).
+    """
+    ahead: collections.deque = collections.deque()
+    for local_batch in iterator:
+        ahead.append((local_batch, place(local_batch)))
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    yield from ahead
 
 
 def _step_runner(config, model, tx, mesh) -> parallel.StepRunner:
