@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One script for a single-GPU machine, under 5 minutes: the train step's throughput and MFU for
+# One script for a single-GPU machine, under 10 minutes: the train step's throughput and MFU for
 # vgg_face and resnet50 in bfloat16 at batches that fill the GPU (benchmarks/train_throughput.py
 # --cases gpu_mfu: FLOPs from XLA's cost analysis of the compiled step, peak from the device's
-# datasheet, PEAK_TFLOPS there), then one end-to-end `fbnet train` of the default experiment with
-# worker processes, whose log gives its ex/s and the time to render its faces ahead (into an
-# empty render cache, one process per core). Results go to BENCHMARKS.md by hand, with the
-# machine and versions this prints first.
+# datasheet, PEAK_TFLOPS there), then, per backbone, `fbnet train` end to end at 112 px, batch
+# 256, bf16, with WORKERS worker processes, from a prepared uint8 store and from the render cache,
+# each against the bare step timed beside it (benchmarks/end_to_end.py prints the ratios).
+# Results go to BENCHMARKS.md by hand, with the machine and versions this prints first.
 #
 #   bash benchmarks/gpu.sh                 # the python on PATH (a jax with its CUDA plugin)
 #   PYTHON=.venv/bin/python WORKERS=12 bash benchmarks/gpu.sh
@@ -30,13 +30,11 @@ PY
 echo "== train step, bfloat16 (XLA cost-analysis FLOPs; MFU against the datasheet's dense peak)"
 timeout 200 "$PY" benchmarks/train_throughput.py --cases gpu_mfu --steps 20
 
-echo "== end to end: fbnet train, small_cnn, batch 256, 600 steps, ${WORKERS} workers"
 workdir="$(mktemp -d)"
 trap 'rm -rf "$workdir"' EXIT
-start=$(date +%s)
-timeout 150 "$PY" -m fbnet_jax train --workdir "$workdir/run" \
-    --config.data.num_workers="$WORKERS" --config.data.global_batch_size=256 \
-    --config.train.num_steps=600 --config.train.log_every=100 \
-    --config.data.render_cache_dir="$workdir/faces" \
-    --config.evals.validation.every=0 2>&1 | grep -E "render cache|compiled|ex/s|^all " || true
-echo "wall: $(( $(date +%s) - start )) s (start-up, compilation and the final evaluation included)"
+for backbone in vgg_face resnet50; do
+    echo "== end to end: fbnet train against the bare step, ${backbone}, ${WORKERS} workers"
+    timeout 240 "$PY" benchmarks/end_to_end.py --backbone "$backbone" --dtype bfloat16 \
+        --image_size 112 --batch 256 --steps 200 --log_every 40 --repeats 1 \
+        --images 6000 --workers "$WORKERS" --workdir "$workdir" || true
+done

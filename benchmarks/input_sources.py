@@ -22,16 +22,27 @@ and three measures:
   source   records/s of `source[i]` over every record (one core, no pipeline);
   pipeline examples/s of the train iterator (resize to --image_size, batch 64: uint8 faces,
            augmented and normalised later, on the device, in the train step) after a warm-up,
-           with --workers grain worker processes (0: in this process);
-  host     the path before 2026-12-06: the same iterator plus, per face, the host-side
-           augmentation (`transforms.RandomAugment`, the config's data.augment) and the
-           normalisation to float32 that the pipeline did then, timed in the same round.
+           with --workers grain worker processes (0: in this process): each batch read with one
+           batched call, which the uint8 copy and the render cache serve together;
+  before   the path before issue 23 (2026-12-06), timed in the same round: the same iterator
+           reading one example at a time through grain, the uint8 copy as TFDS wrote it
+           (zstd-compressed records, a copy made for this) and read with TFDS's decoder, and
+           per face the host-side augmentation (`transforms.RandomAugment`, the config's
+           data.augment) and normalisation to float32. (Label masks are made per batch in
+           both; before, they were made per example.)
 
 With --workers 0 the pipeline column is what one worker (one core) delivers, and the last
 column is the cores a step consuming --target examples/s needs at that rate.
 
   python benchmarks/input_sources.py                    # 2000 images, 0 workers, 3 rounds
   python benchmarks/input_sources.py --images 500 --workers 2 --repeats 5
+  python benchmarks/input_sources.py --formats uint8 render_cache --images 30000 \
+      --width 160 --height 120 --synthetic_records 18000    # stores of a realistic length
+
+grain's shuffle costs more per example the shorter a source is (its index permutation walks
+cycles: about 30 us an example at 600 records, 5 at 20,000, 4 at 100,000 on the machine of
+BENCHMARKS.md), so the fast formats are measured on train splits of realistic length with the
+last command.
 
 Prints medians and the ratio of each round to jpeg's. The fixture is written under --workdir
 (default: a temporary folder, removed at the end).
@@ -42,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,12 +62,14 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
+from array_record.python import array_record_module
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipelines import pipeline, transforms  # noqa: E402  pylint: disable=wrong-import-position
+from data_pipelines import mixture, pipeline, transforms  # noqa: E402  pylint: disable=wrong-import-position
+from data_pipelines.sources import prepared  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax.core import config_files, images  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax.core import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
@@ -80,7 +94,7 @@ def write_dataset(folder: Path, images: int, width: int, height: int) -> None:
 
 
 FORMATS = ("jpeg", "png", "uint8", "synthetic", "cached", "render_cache")
-MEASURES = ("source", "pipeline", "host")
+MEASURES = ("source", "pipeline", "before")
 
 
 class _Head:
@@ -113,19 +127,51 @@ def _host_path(batch, augment: transforms.RandomAugment, rng: np.random.Generato
                      for face in batch["image"]])
 
 
-def pipeline_rate(config, batches: int, warmup: int, host: bool = False) -> float:
+def compressed_copy(directory: Path, copy: Path) -> None:
+    """A copy of a preparation with its record files as TFDS writes them (zstd, level 3)."""
+    if copy.exists():
+        return
+    shutil.copytree(directory, copy)
+    for path in copy.glob("*.array_record-*"):
+        reader = array_record_module.ArrayRecordReader(str(path))
+        records = reader.read_all()
+        reader.close()
+        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
+
+
+@contextlib.contextmanager
+def _reading_as_before():
+    """The reads of the path before: one example at a time through grain's chain, records of a
+    preparation decoded by TFDS's decoder."""
+    per_example = lambda self, indices: [self._parent[i] for i in indices]  # noqa: E731
+    decoded = lambda self, index: self.decoded(int(index) % len(self))  # noqa: E731
+    saved = mixture._ProcessBatches._read, prepared.PreparedSource.__getitem__
+    mixture._ProcessBatches._read, prepared.PreparedSource.__getitem__ = per_example, decoded
+    try:
+        yield
+    finally:
+        mixture._ProcessBatches._read, prepared.PreparedSource.__getitem__ = saved
+
+
+def pipeline_rate(config, batches: int, warmup: int, before: bool = False) -> float:
     augment = transforms.RandomAugment(**config.data.augment.to_dict())
     rng = np.random.default_rng(0)
-    with contextlib.closing(pipeline.build_train_iterator(config, process_index=0,
-                                                          process_count=1)) as it:
+    with contextlib.ExitStack() as stack:
+        if before:
+            stack.enter_context(_reading_as_before())
+        it = stack.enter_context(contextlib.closing(pipeline.build_train_iterator(
+            config, process_index=0, process_count=1)))
         for _ in range(warmup):
             batch = next(it)
-            if host:
+            if before:
                 _host_path(batch, augment, rng)
         start = time.perf_counter()
         for _ in range(batches):
             batch = next(it)
-            if host:
+            if before:
                 _host_path(batch, augment, rng)
         return batches * config.data.global_batch_size / (time.perf_counter() - start)
 
@@ -164,6 +210,11 @@ def main() -> None:
                 summary = prepare.prepare("manifest", manual, data_dir, options)
             seconds[kind] = time.perf_counter() - start if summary.written else None
             sizes[kind] = _megabytes(Path(summary.directory).rglob("*.array_record*"))
+        # The uint8 copy as it was written before (zstd), for the path before.
+        zstd_dir = workdir / "prepared_zstd"
+        compressed_copy(Path(summary.directory),
+                        zstd_dir / Path(summary.directory).relative_to(data_dir))
+        sizes["uint8 zstd (before)"] = _megabytes(zstd_dir.rglob("*.array_record*"))
 
         config = config_files.load("synthetic")
         config.data.image_size = args.image_size
@@ -197,6 +248,10 @@ def main() -> None:
         # The cached source (the one object the pipeline builds too) renders every face once.
         for i in range(len(sources["cached"])):
             sources["cached"][i]
+        # The path before read the uint8 copy as TFDS wrote it (zstd).
+        befores = dict(configs)
+        befores["uint8"] = configs["uint8"].copy_and_resolve_references()
+        befores["uint8"].data.sources.faces.data_dir = str(zstd_dir)
         # The synthetic sources are as long as the fixture's train split, for equal rounds.
         for kind in ("synthetic", "cached"):
             sources[kind] = _Head(sources[kind], len(sources["jpeg"]))
@@ -206,8 +261,9 @@ def main() -> None:
             for kind in FORMATS:
                 rates[kind, "source"].append(source_rate(sources[kind]))
                 rates[kind, "pipeline"].append(pipeline_rate(configs[kind], args.batches, 5))
-                rates[kind, "host"].append(pipeline_rate(configs[kind], args.batches, 5,
-                                                         host=True))
+                if not args.workers:  # (the reads of before are set in this process only)
+                    rates[kind, "before"].append(pipeline_rate(befores[kind], args.batches, 5,
+                                                               before=True))
 
     made = ", ".join(f"{kind} in {s:.1f} s" for kind, s in seconds.items() if s is not None)
     print(f"{args.images} JPEG scenes {args.width}x{args.height}, one face box each; train split "
@@ -221,10 +277,12 @@ def main() -> None:
     print("storage, MB per 1000 images: " + ", ".join(
         f"{kind} {mb / args.images * 1000:.1f}" for kind, mb in sizes.items()))
     print(f"pipeline: {args.image_size} px, batch {config.data.global_batch_size}, "
-          f"{args.workers} worker(s); {args.repeats} rounds, medians")
+          f"{args.workers} worker(s); {args.repeats} rounds, medians; train splits: "
+          f"{len(sources['jpeg'])} records (jpeg, png, uint8), "
+          f"{len(sources['render_cache'])} (synthetic, cached, render_cache)")
     print()
     print(f"| format | source (records/s) | / jpeg (per round) | pipeline (examples/s) | "
-          f"/ jpeg (per round) | host path before (examples/s) | pipeline / host path "
+          f"/ jpeg (per round) | before (examples/s) | pipeline / before "
           f"(per round) | cores for {args.target:,} ex/s |")
     print("|---|---|---|---|---|---|---|---|")
     for kind in FORMATS:
@@ -233,11 +291,11 @@ def main() -> None:
             mine, jpeg = rates[kind, what], rates["jpeg", what]
             ratios = ", ".join(f"{m / j:.2f}" for m, j in zip(mine, jpeg))
             cells += [f"{statistics.median(mine):.0f}", ratios]
-        new, old = rates[kind, "pipeline"], rates[kind, "host"]
-        cells += [f"{statistics.median(old):.0f}",
-                  ", ".join(f"{n / o:.2f}" for n, o in zip(new, old))]
+        new, old = rates[kind, "pipeline"], rates[kind, "before"]
+        cells += [f"{statistics.median(old):.0f}" if old else "-",
+                  ", ".join(f"{n / o:.2f}" for n, o in zip(new, old)) or "-"]
         cores = args.target / statistics.median(rates[kind, "pipeline"])
-        print(f"| {kind} | {' | '.join(cells)} | {cores:.0f} |")
+        print(f"| {kind} | {' | '.join(cells)} | {cores:.1f} |")
 
 
 if __name__ == "__main__":
