@@ -72,9 +72,8 @@ class EvalBatches:
         emitted = 0
         padding_row = self._padding_row()
         if self._shards:
-            ds = batching.prepare(grain.MapDataset.concatenate(self._shards), self._data,
-                                  self._aus)
-            ds = ds.batch(self.batch_size, drop_remainder=False, batch_fn=batching.collate)
+            ds = _Batches([batching.prepare(shard, self._data, self._aus)
+                           for shard in self._shards], self.batch_size)
             it = iter(ds.to_iter_dataset(grain.ReadOptions(
                 num_threads=self._data.read_threads,
                 prefetch_buffer_size=self._data.prefetch_buffer_size)))
@@ -93,6 +92,37 @@ class EvalBatches:
         record = schema.make_record(np.zeros((size, size, 3), np.uint8), key="",
                                     num_aus=len(self._aus))
         return schema.to_masks(record)
+
+
+class _Batches(grain.MapDataset):
+    """Batches of `batch_size` consecutive examples of `parents` taken one after another (the
+    last batch shorter), each stacked by `batching.collate` from one batched read (`_getitems`)
+    per parent it spans, so a source with a batched read of its own serves a batch's rows
+    together."""
+
+    def __init__(self, parents: Sequence[grain.MapDataset], batch_size: int):
+        super().__init__(list(parents))
+        self._batch_size = batch_size
+        self._starts = np.cumsum([0] + [len(parent) for parent in parents]).tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self._starts[-1] / self._batch_size)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        with self._stats.record_self_time():
+            low = int(index) * self._batch_size
+            high = min(low + self._batch_size, self._starts[-1])
+            records = []
+            for parent, start, end in zip(self.parents, self._starts, self._starts[1:]):
+                if max(low, start) < min(high, end):
+                    records += parent._getitems(  # pylint: disable=protected-access
+                        list(range(max(low, start) - start, min(high, end) - start)))
+            return self._stats.record_output_spec(batching.collate(records))
+
+    def __str__(self) -> str:
+        return f"_Batches({self._batch_size} examples of {len(self.parents)} shards)"
 
 
 def _pad(batch: dict[str, Any] | None, padding_row: dict[str, Any],

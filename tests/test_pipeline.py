@@ -7,10 +7,13 @@ in as the kind "toy"; one test runs the real synthetic source.
 import contextlib
 
 import cv2
+import grain
 import ml_collections
 import numpy as np
 import pytest
 
+from data_pipelines import batching
+from data_pipelines import eval_batches
 from data_pipelines import mixture
 from data_pipelines import pipeline
 from data_pipelines import schema
@@ -444,3 +447,30 @@ def test_cached_synthetic_sources_give_the_same_batches_rendering_each_face_once
     for _ in range(3):
         assert_same_batches(all_eval_rows(cached, 0, 1), all_eval_rows(plain, 0, 1))
     assert len(rendered) == len(set(rendered)) == 20
+
+
+class _BatchedToy(ToySource):
+    """A ToySource with a batched read that records each call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _getitems(self, indices):
+        self.calls.append(list(indices))
+        return [self[i] for i in indices]
+
+
+def test_eval_batches_read_each_batch_in_one_call_per_source_it_spans():
+    sources = [_BatchedToy("a", 0, 5, split="test"), _BatchedToy("b", 1, 3, split="test")]
+    batches = eval_batches._Batches([grain.MapDataset.source(s) for s in sources], 3)
+    assert len(batches) == 3
+    records = [s[i] for s in sources for i in range(len(s))]
+    for n, rows in enumerate([[0, 1, 2], [3, 4, 5], [6, 7]]):
+        want = batching.collate([records[r] for r in rows])
+        got = batches[n]
+        assert sorted(got) == sorted(want)
+        for field in want:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+    # Batch 1 spans both sources: rows 3-4 of a, row 0 of b.
+    assert sources[0].calls == [[0, 1, 2], [3, 4]] and sources[1].calls == [[0], [1, 2]]
