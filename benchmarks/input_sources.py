@@ -62,7 +62,6 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from array_record.python import array_record_module
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipelines import mixture, pipeline, transforms  # noqa: E402  pylint: disable=wrong-import-position
 from data_pipelines.sources import prepared  # noqa: E402  pylint: disable=wrong-import-position
-from data_pipelines.tfds_builders import prepare  # noqa: E402  pylint: disable=wrong-import-position
+from data_pipelines.tfds_builders import faces, prepare  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax.core import config_files, images  # noqa: E402  pylint: disable=wrong-import-position
 from fbnet_jax.core import runtime_defaults  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -132,14 +131,8 @@ def compressed_copy(directory: Path, copy: Path) -> None:
     if copy.exists():
         return
     shutil.copytree(directory, copy)
-    for path in copy.glob("*.array_record-*"):
-        reader = array_record_module.ArrayRecordReader(str(path))
-        records = reader.read_all()
-        reader.close()
-        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-        for record in records:
-            writer.write(record)
-        writer.close()
+    for path in faces.record_files(copy):
+        faces.rewrite_records(path, faces.TFDS_WRITES)
 
 
 @contextlib.contextmanager

@@ -381,18 +381,20 @@ class RenderedFaces(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> schema.Record:
         index = self._check(index)
-        if self._images is None:
-            self._images = np.load(self.folder / IMAGES_FILE, mmap_mode="r")
-        return {schema.IMAGE: np.array(self._images[index]), **self.labels(index)}
+        return {schema.IMAGE: np.array(self._mapped()[index]), **self.labels(index)}
 
     def _getitems(self, indices) -> list[schema.Record]:
         """Records `indices` (grain's batched read): their faces copied out of the mapped file
         in one indexing."""
         rows = np.asarray([self._check(i) for i in indices], np.int64)
+        images = self._mapped()[rows]
+        return [{schema.IMAGE: images[j], **self.labels(int(row))} for j, row in enumerate(rows)]
+
+    def _mapped(self) -> np.ndarray:
+        """The set's faces, the file mapped into memory (once per process)."""
         if self._images is None:
             self._images = np.load(self.folder / IMAGES_FILE, mmap_mode="r")
-        images = self._images[rows]
-        return [{schema.IMAGE: images[j], **self.labels(int(row))} for j, row in enumerate(rows)]
+        return self._images
 
     def _check(self, index: int) -> int:
         index = int(index)

@@ -197,20 +197,13 @@ def test_raw_preparation_is_stored_uncompressed_and_read_in_batches(tmp_path):
 
 
 def test_a_compressed_raw_preparation_reads_the_same_and_is_rewritten_uncompressed(tmp_path):
-    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
     manual = _dataset(tmp_path / "manual")
     data_dir = tmp_path / "prepared"
     _run("manifest", manual, data_dir, ["image_size=6"], False)
     raw = faces.prepared_dir(data_dir, "manifest", {"image_size": 6})
     before = {split: [r for r in _read_all(data_dir, split)] for split in faces.SPLITS}
     for path in faces.record_files(raw):  # as TFDS writes them (zstd), before this change
-        reader = array_record_module.ArrayRecordReader(str(path))
-        records = reader.read_all()
-        reader.close()
-        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-        for record in records:
-            writer.write(record)
-        writer.close()
+        faces.rewrite_records(path, faces.TFDS_WRITES)
     assert all(faces.is_compressed(p) for p in faces.record_files(raw))
     for split in faces.SPLITS:
         _assert_same_records(_read_all(data_dir, split), before[split])

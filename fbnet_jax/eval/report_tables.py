@@ -99,11 +99,17 @@ def au_order(name: str) -> tuple[float, str]:
     return (int(number) if number.isdigit() else math.inf, name)
 
 
+def _f1_per_subset(results: Mapping[str, Any], split: str,
+                   metric: str) -> list[tuple[str, dict[str, float]]]:
+    """(subset, {class: F1}) for every subset of `split` that has `metric`'s per-class values."""
+    per_subset = [(name, per_class(results, f"{prefix}{metric}/"))
+                  for name, prefix in subsets(results, split)]
+    return [(name, f1) for name, f1 in per_subset if f1]
+
+
 def expression_f1_table(results: Mapping[str, Any], split: str) -> Table | None:
     """Per-class expression F1: rows subsets, columns classes (the taxonomy's order first)."""
-    per_subset = [(name, per_class(results, f"{prefix}expression_f1/"))
-                  for name, prefix in subsets(results, split)]
-    per_subset = [(name, f1) for name, f1 in per_subset if f1]
+    per_subset = _f1_per_subset(results, split, "expression_f1")
     if not per_subset:
         return None
     names = {c for _, f1 in per_subset for c in f1}
@@ -115,9 +121,7 @@ def expression_f1_table(results: Mapping[str, Any], split: str) -> Table | None:
 
 def au_f1_table(results: Mapping[str, Any], split: str) -> Table | None:
     """Per-AU F1 at threshold 0.5: rows AUs, columns subsets ('-' where an AU is unlabelled)."""
-    per_subset = [(name, per_class(results, f"{prefix}au_f1/"))
-                  for name, prefix in subsets(results, split)]
-    per_subset = [(name, f1) for name, f1 in per_subset if f1]
+    per_subset = _f1_per_subset(results, split, "au_f1")
     if not per_subset:
         return None
     aus = sorted({au for _, f1 in per_subset for au in f1}, key=au_order)
