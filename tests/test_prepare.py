@@ -234,6 +234,26 @@ def test_a_raw_record_of_another_size_is_an_error_naming_the_folder(tmp_path):
         source[1]
 
 
+def test_a_damaged_record_file_is_one_error_naming_it_in_reading_and_in_preparing(tmp_path):
+    manual = _dataset(tmp_path / "manual")
+    data_dir = tmp_path / "prepared"
+    _run("manifest", manual, data_dir, ["image_size=6"], False)
+    raw = faces.prepared_dir(data_dir, "manifest", {"image_size": 6})
+    shard = next(p for p in faces.record_files(raw) if "-test." in p.name)
+    shard.write_bytes(shard.read_bytes()[:-200])   # truncated: its footer is gone
+    source = open_prepared(data_dir, "train", dataset="manifest", image_size=6)
+    source[0]  # the other splits' files are whole
+    with pytest.raises(DatasetError, match=re.escape(f"{raw}: record 0 of split 'test' cannot "
+                                                     f"be read: ")) as error:
+        open_prepared(data_dir, "test", dataset="manifest", image_size=6)[0]
+    assert str(error.value).endswith(f"; the record files are damaged: delete {raw} and "
+                                     f"prepare it again")
+    with pytest.raises(DatasetError, match=re.escape(f"{shard}: cannot be read: ")) as error:
+        _run("manifest", manual, data_dir, ["image_size=6"], False)
+    assert str(error.value).endswith(f"; the preparation is damaged: delete {raw} and prepare "
+                                     f"it again")
+
+
 def _read_all(data_dir, split):
     source = open_prepared(data_dir, split, dataset="manifest", image_size=6)
     return [source[i] for i in range(len(source))]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ class PreparedSource:
     def decoded(self, row: int) -> schema.Record:
         """Record `row` as TFDS's decoder reads it, every feature of it (what PNG faces are
         read with; raw uint8 faces are read faster from the same bytes)."""
-        example = self._data()[row]
+        example = self._read(row, lambda: self._data()[row])
         key = example["key"]
         va = np.asarray(example["va"], np.float32)
         return schema.make_record(
@@ -183,10 +183,22 @@ class PreparedSource:
                  schema.COMPOUND: compound[j], schema.SOURCE: source}
                 for j, row in enumerate(rows)]
 
+    def _read(self, row: int, read: Callable[[], Any]) -> Any:
+        """`read()` of record `row`; a record file that cannot be read (damaged, truncated) is a
+        `DatasetError` naming the preparation, the record and what array_record found."""
+        try:
+            return read()
+        except RuntimeError as e:  # array_record's error for a damaged file
+            found = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise base.DatasetError(
+                f"{self.root}: record {row} of split {self.split!r} cannot be read: {found}; "
+                f"the record files are damaged: delete {self.root} and prepare it again") from e
+
     def _raw_image(self, row: int) -> np.ndarray:
         """Record `row`'s face, uint8 [S, S, 3], read from its `tf.train.Example` without TFDS's
         generic decoder (which converts every feature of the record, ~6x the cost)."""
-        example = tf_example_pb2.Example.FromString(self._data().data_source[row])
+        example = tf_example_pb2.Example.FromString(
+            self._read(row, lambda: self._data().data_source[row]))
         values = example.features.feature["image"].bytes_list.value
         size = self._size
         if len(values) != 1 or len(values[0]) != size * size * 3:

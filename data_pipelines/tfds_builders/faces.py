@@ -206,18 +206,26 @@ def is_compressed(path: str | os.PathLike) -> bool:
 
 def store_uncompressed(directory: str | os.PathLike) -> int:
     """Rewrites every compressed record file of a preparation uncompressed, in place; returns how
-    many it rewrote (0 when none was compressed).
+    many it rewrote (0 when none was compressed). A file that cannot be read is a `DatasetError`.
 
     The records, their order and TFDS's metadata stay the same. Each file is written beside the
     old one and renamed over it, so a rewrite that stops half-way leaves every file whole (a
     file still compressed reads as well, only slower, and the next `fbnet prepare` of the same
     options rewrites it).
     """
-    compressed = [path for path in record_files(directory) if is_compressed(path)]
-    if compressed:
-        log.info("%s: rewriting %d record file(s) uncompressed", directory, len(compressed))
-    for path in compressed:
-        rewrite_records(path, UNCOMPRESSED)
+    path, compressed = None, []
+    try:
+        for path in record_files(directory):
+            if is_compressed(path):
+                compressed.append(path)
+        if compressed:
+            log.info("%s: rewriting %d record file(s) uncompressed", directory, len(compressed))
+        for path in compressed:
+            rewrite_records(path, UNCOMPRESSED)
+    except RuntimeError as e:  # array_record's error for a damaged file
+        found = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise base.DatasetError(f"{path}: cannot be read: {found}; the preparation is damaged: "
+                                f"delete {directory} and prepare it again") from e
     return len(compressed)
 
 
