@@ -244,6 +244,10 @@ def _run(config, workdir: Path, latest: int | None, stop: StopSignals,
                 _save(manager, config, step, train_step.global_state(state), eval_metrics,
                       last_checkpoint)
                 last_checkpoint = step
+        # The batches read and placed ahead are not needed any more. Dropped now, the shared
+        # memory of worker-made batches is freed while the run saves and evaluates, not at exit.
+        batches.close()
+        local_batch = batch = None
         progress.flush(step, last_checkpoint)
         if step != last_checkpoint:  # stopped by a signal between checkpoints
             _save(manager, config, step, train_step.global_state(state), eval_metrics,
